@@ -1,0 +1,35 @@
+# One entry point per job. Each target installs what it needs into .venv first (idempotent).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PORT ?= 8000
+# torch and torchvision versions proven together with open_clip (see docs/DESIGN notes in README).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test bench serve demo-model test-vllm load chromium
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev,bench]' $(TORCH_PINS)
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's Chromium for the browser tests; skipped quietly where apt is unavailable.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "chromium not installed: browser tests will skip"; }
+
+test: $(STAMP) chromium
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+serve: $(STAMP)
+	PORT=$(PORT) $(VENV)/bin/vlm-steer serve --host 127.0.0.1 --port $(PORT)
