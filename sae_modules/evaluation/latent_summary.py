@@ -1,0 +1,89 @@
+"""One streaming pass over images: each latent's range, firing rate and highest-activating images.
+
+The range feeds the monosemanticity score's min-max normalisation; the top images feed the
+taxonomy depth, the steering prototypes and the browser's grids. Memory is O(latents x top_k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sae_modules.evaluation.errors import EvaluationError
+
+
+@dataclass
+class LatentSummary:
+    lo: Tensor
+    """[F] smallest per-image activation."""
+    hi: Tensor
+    """[F] largest per-image activation."""
+    fires: Tensor
+    """[F] int64: images on which the latent is positive."""
+    top_values: Tensor
+    """[F, k] highest per-image activations, descending."""
+    top_images: Tensor
+    """[F, k] int64 indices of those images."""
+    n_images: int
+
+    @property
+    def density(self) -> Tensor:
+        """Fraction of images on which each latent fires."""
+        return self.fires.double() / self.n_images
+
+    @property
+    def live(self) -> Tensor:
+        """Latents whose activation varies over the images (the others cannot be normalised)."""
+        return self.hi > self.lo
+
+
+class LatentSummaryAccumulator:
+    """Feed batches of per-image activations [n, F] in image order; `result()` gives the summary."""
+
+    def __init__(self, n_latents: int, top_k: int = 16) -> None:
+        if top_k < 1:
+            raise EvaluationError(f"top_k must be at least 1, got {top_k}", "top_k")
+        self.top_k = top_k
+        self.lo = torch.full((n_latents,), torch.inf, dtype=torch.float64)
+        self.hi = torch.full((n_latents,), -torch.inf, dtype=torch.float64)
+        self.fires = torch.zeros(n_latents, dtype=torch.int64)
+        self.top_values = torch.empty(0, n_latents, dtype=torch.float32)
+        self.top_images = torch.empty(0, n_latents, dtype=torch.int64)
+        self.n_images = 0
+
+    def update(self, acts: Tensor) -> None:
+        if acts.ndim != 2 or acts.shape[1] != self.lo.shape[0]:
+            raise EvaluationError(f"activations batch has shape {tuple(acts.shape)}, expected [n, {self.lo.shape[0]}]",
+                                  "activations")
+        if not torch.isfinite(acts).all():
+            raise EvaluationError(f"activations of images {self.n_images}..{self.n_images + len(acts) - 1} "
+                                  "contain NaN or infinity", "activations")
+        acts = acts.float()
+        self.lo = torch.minimum(self.lo, acts.min(dim=0).values.double())
+        self.hi = torch.maximum(self.hi, acts.max(dim=0).values.double())
+        self.fires += (acts > 0).sum(dim=0)
+        index = torch.arange(self.n_images, self.n_images + len(acts)).unsqueeze(1).expand_as(acts)
+        values = torch.cat([self.top_values, acts])
+        images = torch.cat([self.top_images, index])
+        keep = min(self.top_k, len(values))
+        self.top_values, order = values.topk(keep, dim=0)
+        self.top_images = images.gather(0, order)
+        self.n_images += len(acts)
+
+    def result(self) -> LatentSummary:
+        if self.n_images == 0:
+            raise EvaluationError("no images: the activations are empty", "activations")
+        return LatentSummary(self.lo, self.hi, self.fires, self.top_values.T.contiguous(),
+                             self.top_images.T.contiguous(), self.n_images)
+
+
+def summarize_latents(batches: Iterable[tuple[Tensor, Tensor | None]], n_latents: int,
+                      top_k: int = 16) -> LatentSummary:
+    """Pass over (activations, embeddings) batches, using the activations only."""
+    acc = LatentSummaryAccumulator(n_latents, top_k)
+    for acts, _ in batches:
+        acc.update(acts)
+    return acc.result()
