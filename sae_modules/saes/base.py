@@ -28,6 +28,14 @@ class SourceInfo(BaseModel):
     dataset: str | None = None
 
 
+class SAEConfigError(ValueError):
+    """An SAE config or registry lookup that cannot work; the message names the field."""
+
+
+class SAEInputError(ValueError):
+    """Activations whose shape does not fit the SAE; the message gives both shapes."""
+
+
 class SAEConfig(BaseModel):
     """Everything needed to rebuild an SAE module from its tensors, plus provenance and metrics."""
 
@@ -61,11 +69,23 @@ class SAEConfig(BaseModel):
         if self.architecture == "matryoshka_batchtopk":
             if not self.group_sizes or sum(self.group_sizes) != self.n_latents:
                 raise ValueError(f"group_sizes {self.group_sizes} must sum to n_latents={self.n_latents}")
+        elif self.group_sizes is not None:
+            raise ValueError(f"group_sizes is only for matryoshka_batchtopk, not {self.architecture!r}")
+        if self.auxk_k is not None and self.auxk_k > self.n_latents:
+            raise ValueError(f"auxk_k={self.auxk_k} exceeds n_latents={self.n_latents}")
+        if self.threshold is not None and self.threshold < 0:
+            raise ValueError(f"threshold={self.threshold} must be >= 0")
         return self
 
 
 class SAEOutput(NamedTuple):
-    """What `SAE.forward` returns: enough to train on and to log."""
+    """What `SAE.forward` returns: enough to train on and to log.
+
+    `latents` is detached (the loss already holds the graph). Dense SAEs (ReLU) return a dense
+    [B, n_latents] tensor; the TopK family returns a coalesced sparse COO tensor of the same shape,
+    because densifying B x n_latents every step costs more than the sparse decode. Use
+    `latents.to_dense()` (a no-op on dense tensors) or `fire_counts` to read either.
+    """
 
     recon: Tensor
     latents: Tensor
@@ -86,7 +106,7 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self._cfg = cfg
         w_dec = torch.randn(cfg.n_latents, cfg.d_in)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
@@ -95,12 +115,27 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
     @property
+    def cfg(self) -> SAEConfig:
+        """The config, current with any state the module keeps on device (BatchTopK's θ)."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: SAEConfig) -> None:
+        self._cfg = cfg
+
+    @property
     def d_in(self) -> int:
-        return self.cfg.d_in
+        return self._cfg.d_in
 
     @property
     def n_latents(self) -> int:
-        return self.cfg.n_latents
+        return self._cfg.n_latents
+
+    def _flatten_input(self, x: Tensor) -> Tensor:
+        """[..., d_in] -> [N, d_in], with a clear error for the wrong width."""
+        if x.ndim == 0 or x.shape[-1] != self.d_in:
+            raise SAEInputError(f"activations of shape {tuple(x.shape)} do not end in d_in={self.d_in}")
+        return x.reshape(-1, self.d_in)
 
     def pre_acts(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -154,5 +189,17 @@ class SAE(nn.Module):
         """
         self.b_enc.data *= scale
         self.b_dec.data *= scale
-        if self.cfg.threshold is not None:
-            self.cfg = self.cfg.model_copy(update={"threshold": self.cfg.threshold * scale})
+        if self._cfg.threshold is not None:
+            self._cfg = self._cfg.model_copy(update={"threshold": self._cfg.threshold * scale})
+
+
+def fire_counts(latents: Tensor) -> Tensor:
+    """How many vectors each latent fired on (was non-zero for): int64 [n_latents].
+
+    Takes the dense [..., n_latents] latents of `encode` or the sparse COO latents of `forward`.
+    """
+    if latents.is_sparse:
+        latents = latents.coalesce()
+        cols = latents.indices()[-1][latents.values() != 0]
+        return torch.bincount(cols, minlength=latents.shape[-1])
+    return (latents != 0).reshape(-1, latents.shape[-1]).sum(0)

@@ -1,0 +1,149 @@
+"""Sparse encode/decode for the TopK family: the encoder matmul stays dense, everything after it
+touches only the selected (vector, latent) entries.
+
+Why: at 16k latents and k=20 a dense [B, n_latents] latent tensor, its dense decode and a dense
+encoder-weight gradient each cost about as much as the forward matmul. Here the pre-activations
+are computed once without autograd, the chosen entries are picked out by a custom autograd function
+whose backward is one sparse-times-dense product, and the decode is an `embedding_bag`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# The CSR tensor used in the backward is internal and valid by construction.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+class Selection(NamedTuple):
+    """Chosen entries of a [n_rows, n_latents] pre-activation matrix, in row-major order.
+
+    `cols` are sorted within each row and unique, so (rows, cols) is a valid coalesced COO index
+    and (crow, cols) a valid CSR index.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    crow: Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return self.cols.numel()
+
+    def subset(self, keep: Tensor) -> Selection:
+        """The entries where `keep` (bool [nnz]) holds, still row-major."""
+        rows = self.rows[keep]
+        return Selection(rows, self.cols[keep], _crow_from_rows(rows, self.shape[0]), self.shape)
+
+
+def _crow_from_rows(rows: Tensor, n_rows: int) -> Tensor:
+    counts = torch.bincount(rows, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _from_row_slots(slot_cols: Tensor, chosen: Tensor | None, n_latents: int) -> Selection:
+    """A selection from per-row candidate latents [B, c] and a mask of the chosen slots (None: all)."""
+    n_rows, c = slot_cols.shape
+    slot_cols, order = slot_cols.sort(dim=1)
+    if chosen is None:
+        rows = torch.arange(n_rows, device=slot_cols.device).repeat_interleave(c)
+        crow = torch.arange(0, n_rows * c + 1, c, device=slot_cols.device)
+        return Selection(rows, slot_cols.flatten(), crow, (n_rows, n_latents))
+    chosen = chosen.gather(1, order)
+    flat = chosen.flatten().nonzero().squeeze(1)
+    rows = flat // c
+    return Selection(rows, slot_cols.flatten()[flat], _crow_from_rows(rows, n_rows), (n_rows, n_latents))
+
+
+def topk_selection(pre: Tensor, k: int) -> Selection:
+    """The k largest pre-activations of every row."""
+    return _from_row_slots(pre.topk(k, dim=1, sorted=False).indices, None, pre.shape[1])
+
+
+def batch_topk_selection(pre: Tensor, k: int) -> Selection:
+    """The k * B largest pre-activations of the whole [B, n] batch, without a topk over B * n values.
+
+    Take each row's top c (c = 2k at first) as candidates and the k * B largest of those. That is the
+    exact batch top set unless some row had all c of its candidates chosen (it might have more); then
+    retry with c four times larger, up to c = n, where it is exact by construction.
+    """
+    n_rows, n = pre.shape
+    total = min(k * n_rows, n_rows * n)
+    c = min(n, 2 * k)
+    while True:
+        values, slots = pre.topk(c, dim=1, sorted=False)
+        picked = values.flatten().topk(total, sorted=False).indices
+        chosen = torch.zeros(n_rows * c, dtype=torch.bool, device=pre.device)
+        chosen[picked] = True
+        chosen = chosen.view(n_rows, c)
+        if c == n or not bool(chosen.all(dim=1).any()):
+            return _from_row_slots(slots, chosen, n)
+        c = min(n, 4 * c)
+
+
+def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:
+    """Entries above the global threshold θ (and above zero): BatchTopK's inference rule."""
+    rows, cols = (pre > threshold.clamp_min(0)).nonzero(as_tuple=True)
+    return Selection(rows, cols, _crow_from_rows(rows, pre.shape[0]), tuple(pre.shape))
+
+
+def dead_topk_selection(pre: Tensor, dead: Tensor, k: int) -> Selection:
+    """Each row's k largest pre-activations among the `dead` latent indices (AuxK)."""
+    slots = pre.index_select(1, dead).topk(k, dim=1, sorted=False).indices
+    return _from_row_slots(dead[slots], None, pre.shape[1])
+
+
+class _PickPreActs(torch.autograd.Function):
+    """pre[rows, cols] where pre = (x - b_dec) @ W_enc + b_enc was computed without autograd.
+
+    The backward builds the gradient of the selected entries as a CSR matrix S [B, n_latents]:
+    dW_enc = (x - b_dec)^T S, db_enc = column sums of S, db_dec = -W_enc db_enc.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, x, W_enc, b_enc, b_dec, rows, cols, crow):  # type: ignore[override]
+        ctx.save_for_backward(x, W_enc, b_dec, cols, crow)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, W_enc, b_dec, cols, crow = ctx.saved_tensors
+        need_x, need_w, need_b_enc, need_b_dec = ctx.needs_input_grad[1:5]
+        grad_x = grad_w = grad_b_enc = grad_b_dec = None
+        grad = grad.contiguous()
+        sparse = torch.sparse_csr_tensor(crow, cols, grad, (x.shape[0], W_enc.shape[1]), check_invariants=False)
+        if need_w:
+            grad_w = torch.mm((x - b_dec).T, sparse)
+        if need_x:
+            grad_x = torch.mm(sparse, W_enc.T)
+        if need_b_enc or need_b_dec:
+            col_sums = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+            grad_b_enc = col_sums if need_b_enc else None
+            grad_b_dec = -(W_enc @ col_sums) if need_b_dec else None
+        return None, grad_x, grad_w, grad_b_enc, grad_b_dec, None, None, None
+
+
+def pick_pre_acts(pre: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, sel: Selection) -> Tensor:
+    """The selected pre-activations [nnz], differentiable w.r.t. x and the encoder parameters."""
+    return _PickPreActs.apply(pre, x, W_enc, b_enc, b_dec, sel.rows, sel.cols, sel.crow)
+
+
+def sparse_decode(sel: Selection, values: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ values · W_dec[cols] per row, [n_rows, d_in], without a dense latent tensor (no bias)."""
+    return F.embedding_bag(
+        sel.cols, W_dec, sel.crow, mode="sum", per_sample_weights=values, include_last_offset=True
+    )
+
+
+def sparse_latents(sel: Selection, values: Tensor) -> Tensor:
+    """The selection as a detached, coalesced sparse COO tensor of shape [n_rows, n_latents]."""
+    indices = torch.stack([sel.rows, sel.cols])
+    return torch.sparse_coo_tensor(
+        indices, values.detach(), sel.shape, is_coalesced=True, check_invariants=False
+    )

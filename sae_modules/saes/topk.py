@@ -1,0 +1,96 @@
+"""TopK SAE (Gao et al. 2024): each vector keeps its k largest latents; AuxK revives dead latents."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae_modules.saes.base import SAE, SAEConfig, SAEConfigError, SAEInputError, SAEOutput
+from sae_modules.saes.sparse_ops import (
+    Selection,
+    dead_topk_selection,
+    pick_pre_acts,
+    sparse_decode,
+    sparse_latents,
+    topk_selection,
+)
+
+
+def squared_error(x: Tensor, recon: Tensor) -> Tensor:
+    """Mean over vectors of the summed squared error (the paper's L2 loss)."""
+    return (x - recon).pow(2).sum(-1).mean()
+
+
+class TopKSAE(SAE):
+    """Per-vector top-k at training and at inference.
+
+    `forward` is the fast training path: the pre-activations go into a reused workspace without
+    autograd, only the selected entries carry gradients (see `sparse_ops`), and `latents` in the
+    output is a sparse COO tensor. `encode` returns dense latents.
+    """
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        if cfg.k is None:
+            raise SAEConfigError(f"{type(self).__name__} needs k")
+        if cfg.rescale_acts_by_decoder_norm:
+            raise SAEConfigError(
+                "rescale_acts_by_decoder_norm is not supported: fold the decoder norms into "
+                "W_enc/b_enc (and divide W_dec by them) when importing the checkpoint"
+            )
+        super().__init__(cfg)
+        self._workspace: Tensor | None = None
+
+    def activation(self, pre: Tensor) -> Tensor:
+        values, indices = pre.topk(self._cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+    def _select(self, pre: Tensor) -> Selection:
+        """The entries of the [B, n_latents] pre-activations that fire in this forward."""
+        return topk_selection(pre, self._cfg.k)
+
+    @torch.no_grad()
+    def _pre_acts_into_workspace(self, x: Tensor) -> Tensor:
+        """Pre-activations in a buffer kept between steps: a fresh B x n_latents allocation every
+        step costs a quarter of the encoder matmul in page faults. Nothing saved for backward
+        points into it, so reusing it on the next call is safe."""
+        shape = (x.shape[0], self.n_latents)
+        ws = self._workspace
+        if ws is None or ws.shape != shape or ws.dtype != x.dtype or ws.device != x.device:
+            ws = self._workspace = torch.empty(shape, dtype=x.dtype, device=x.device)
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc, out=ws)
+
+    def _recon_loss(self, x: Tensor, sel: Selection, values: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(reconstruction, reconstruction loss, loss terms to log)."""
+        recon = sparse_decode(sel, values, self.W_dec) + self.b_dec
+        l2 = squared_error(x, recon)
+        return recon, l2, {"l2": l2}
+
+    def _auxk_loss(self, pre: Tensor, x: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
+        """How well the top dead latents reconstruct the residual, over the residual's variance."""
+        dead = dead_mask.nonzero().squeeze(1)
+        k_aux = min(self._cfg.auxk_k or self.d_in // 2, dead.numel())
+        sel = dead_topk_selection(pre, dead, k_aux)
+        values = pick_pre_acts(pre, x, self.W_enc, self.b_enc, self.b_dec, sel).relu()
+        err = squared_error(residual, sparse_decode(sel, values, self.W_dec))
+        variance = squared_error(residual, residual.mean(0))
+        return (err / variance).nan_to_num(0.0)
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        """Training semantics. `dead_mask` (bool [n_latents]) turns on the AuxK loss over those latents."""
+        flat = self._flatten_input(x).to(self.W_enc.dtype)
+        if dead_mask is not None and dead_mask.shape != (self.n_latents,):
+            raise SAEInputError(f"dead_mask has shape {tuple(dead_mask.shape)}, expected ({self.n_latents},)")
+        pre = self._pre_acts_into_workspace(flat)
+        sel = self._select(pre)
+        values = pick_pre_acts(pre, flat, self.W_enc, self.b_enc, self.b_dec, sel).relu()
+        self._observe(values)
+        recon, loss, losses = self._recon_loss(flat, sel, values)
+        auxk = loss.new_zeros(())
+        if dead_mask is not None and self._cfg.auxk_alpha > 0 and bool(dead_mask.any()):
+            auxk = self._auxk_loss(pre, flat, (flat - recon).detach(), dead_mask)
+            loss = loss + self._cfg.auxk_alpha * auxk
+        losses["auxk"] = auxk
+        return SAEOutput(recon.reshape(x.shape), sparse_latents(sel, values), loss, losses)
+
+    def _observe(self, values: Tensor) -> None:
+        """Hook for state learned from the selected activations (BatchTopK's threshold)."""
