@@ -35,6 +35,9 @@ class SteerSpec:
     pre_zero: bool = False
     want_steered: bool = True
     want_default: bool = False
+    want_stats: bool = True
+    """L0, FVU and the embedding cosine cost a full SAE encode (and, for the cosine, a default pass);
+    the per-latent before/after values are always reported."""
 
 
 class LatentChange(BaseModel):
@@ -48,8 +51,11 @@ class LatentChange(BaseModel):
 class SteerStats(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    l0: float = Field(description="Mean active latents per token of the unedited encode.")
-    fvu: float = Field(description="Fraction of variance unexplained by the unedited reconstruction.")
+    l0: float | None = Field(description="Mean active latents per token of the unedited encode (None: not asked).")
+    fvu: float | None = Field(
+        description="Fraction of variance unexplained by the unedited reconstruction, over the image's tokens "
+        "(None: not asked)."
+    )
     latents: list[LatentChange] = Field(default_factory=list)
     embed_cosine: float | None = Field(None, description="Mean cosine, steered vs unsteered image embeddings.")
 

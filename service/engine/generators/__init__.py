@@ -1,0 +1,1 @@
+"""Language-model backends that take image embeddings: transformers and vLLM."""

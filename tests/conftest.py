@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny LLaVA-1.5-shaped checkpoint on disk, built offline from configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sae_modules.shapes.builder import build_llava, build_processor, build_tokenizer
+
+TINY_WORDS = ("a", "red", "blue", "green", "circle", "square", "triangle", "what", "is", "in", "the", "image", "?",
+              "describe", "color", "shape", "it", "yes", "no", ".")
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+                 num_key_value_heads=1, max_position_embeddings=256)
+TINY_IMAGE_SIZE, TINY_PATCH_SIZE = 56, 14
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight LLaVA (CLIP 3 blocks x 32, Llama 2 x 64, 16 patches) with its processor, saved
+    by `save_pretrained` so tests load it through the same code as a hub checkpoint."""
+    path = tmp_path_factory.mktemp("tiny_llava")
+    processor = build_processor(build_tokenizer(TINY_WORDS), TINY_IMAGE_SIZE, TINY_PATCH_SIZE)
+    model = build_llava(processor, vision=TINY_VISION, text=TINY_TEXT, seed=0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
