@@ -7,7 +7,11 @@ shape, not by a fixed path, and hook them instead of replacing modules.
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import Tensor, nn
 
 _VISION_PREFIXES = ("model.vision_tower.", "vision_tower.", "vision_model.", "visual.", "")
 _BLOCK_SUFFIXES = ("encoder.layers", "transformer.resblocks")
@@ -30,3 +34,36 @@ def resolve_layer(layer: int, n_blocks: int) -> int:
     if not 0 <= resolved < n_blocks:
         raise ValueError(f"layer {layer} is out of range for a tower of {n_blocks} blocks")
     return resolved
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the wanted block has run, so later blocks are never computed."""
+
+
+@dataclass
+class BlockCapture:
+    output: Tensor | None = None
+
+
+@contextmanager
+def capture_block_output(block: nn.Module, stop: bool = False) -> Iterator[BlockCapture]:
+    """Record `block`'s output (its hidden states, not any attention weights) during the `with` body.
+
+    With `stop`, the forward pass is cut right after the block: the model call inside the `with`
+    returns nothing and the body's remaining statements are skipped, which saves the cost of the
+    blocks above the one we read.
+    """
+    capture = BlockCapture()
+
+    def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+        capture.output = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise _StopForward
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield capture
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
