@@ -1,0 +1,72 @@
+"""Write a checkpoint directory so that the target path only ever holds a complete checkpoint.
+
+Both files are written into a fresh sibling directory, flushed to disk, and then swapped in by
+rename. Replacing an existing checkpoint moves it aside first and deletes it only after the new
+one is in place, so a crash leaves either the old checkpoint or the new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from sae_modules.formats.errors import CheckpointError
+
+_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_replaceable(target: Path, replaceable_names: Iterable[str]) -> None:
+    """Only a directory holding nothing but checkpoint files may be overwritten."""
+    if not target.is_dir():
+        raise CheckpointError(f"refusing to overwrite {target}: it exists and is not a checkpoint directory")
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in set(replaceable_names))
+    if foreign:
+        raise CheckpointError(
+            f"refusing to overwrite {target}: it holds files that are not part of a checkpoint ({', '.join(foreign)})"
+        )
+
+
+def write_checkpoint_dir(target: Path, fill: Callable[[Path], None], replaceable_names: Iterable[str]) -> None:
+    """Call `fill(tmp_dir)` to write the files, then move them to `target` in one rename."""
+    target = Path(target)
+    if target.exists():
+        _check_replaceable(target, replaceable_names)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    staging = target.parent / f".{target.name}.tmp-{tag}"
+    staging.mkdir()
+    try:
+        fill(staging)
+        for file in staging.iterdir():
+            _fsync(file)
+        if target.exists():
+            retired = target.parent / f".{target.name}.old-{tag}"
+            os.rename(target, retired)
+            os.rename(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,109 @@
+"""dictionary_learning checkpoints (`ae.pt` state dict + `config.json`), the layout of the paper's
+released SAEs: BatchTopK and Matryoshka BatchTopK, including the paper repository's vendored copy
+that spells the class "Matroyshka".
+
+Both keep k and the learned threshold θ as buffers in the state dict and rescale their biases and θ
+at save time, so a checkpoint takes raw activations, as ours do. Their inference encode is
+`relu(pre) * (relu(pre) > θ)`. `BatchTopKSAE` stores nn.Linear weights ([out, in]), so its encoder
+and decoder are transposed relative to the Matryoshka class, which stores W_enc [d_in, n] directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from sae_modules.formats.errors import CheckpointError
+from sae_modules.formats.native import parse_config, read_json
+from sae_modules.formats.tensors import check_tensors, load_into, read_torch_state_dict
+from sae_modules.saes import build_sae
+from sae_modules.saes.base import SAE
+
+WEIGHTS_FILE = "ae.pt"
+CONFIG_FILE = "config.json"
+BATCHTOPK_CLASSES = ("BatchTopKSAE",)
+MATRYOSHKA_CLASSES = ("MatryoshkaBatchTopKSAE", "MatroyshkaBatchTopKSAE")
+
+
+def _trainer_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.exists():
+        return {}
+    trainer = read_json(path).get("trainer", {})
+    if not isinstance(trainer, dict):
+        raise CheckpointError(f"{path}: 'trainer' must be an object")
+    return trainer
+
+
+def _dict_class(trainer: dict[str, Any], state: dict[str, Tensor], where: str) -> str:
+    """The class named in config.json, or the one the state dict's keys identify when it is absent."""
+    named = trainer.get("dict_class")
+    if named is None:
+        if "group_sizes" in state:
+            return MATRYOSHKA_CLASSES[0]
+        if "encoder.weight" in state:
+            return BATCHTOPK_CLASSES[0]
+        raise CheckpointError(f"{where}: no config.json and the tensors match no supported dictionary class")
+    if named not in BATCHTOPK_CLASSES + MATRYOSHKA_CLASSES:
+        raise CheckpointError(
+            f"{where}: dictionary class {named!r} is not supported "
+            f"(supported: {', '.join(BATCHTOPK_CLASSES + MATRYOSHKA_CLASSES)})"
+        )
+    return named
+
+
+def _dims(trainer: dict[str, Any], state: dict[str, Tensor], encoder_key: str, d_in_axis: int) -> tuple[int, int]:
+    """(d_in, n_latents): from config.json when it has them, else from the encoder tensor."""
+    encoder = state.get(encoder_key)
+    shape = tuple(encoder.shape) if encoder is not None and encoder.ndim == 2 else (0, 0)
+    d_in = trainer.get("activation_dim", shape[d_in_axis])
+    n_latents = trainer.get("dict_size", shape[1 - d_in_axis])
+    return int(d_in), int(n_latents)
+
+
+def load_dictionary_learning(directory: Path) -> SAE:
+    weights_path = directory / WEIGHTS_FILE
+    where = str(weights_path)
+    state = read_torch_state_dict(weights_path)
+    trainer = _trainer_config(directory)
+    dict_class = _dict_class(trainer, state, where)
+    matryoshka = dict_class in MATRYOSHKA_CLASSES
+    if matryoshka:
+        d_in, n = _dims(trainer, state, "W_enc", 0)
+        names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
+        expected = {"W_enc": (d_in, n), "b_enc": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
+        expected["group_sizes"] = tuple(state["group_sizes"].shape) if "group_sizes" in state else (1,)
+    else:
+        d_in, n = _dims(trainer, state, "encoder.weight", 1)
+        names = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "decoder.weight", "b_dec": "b_dec"}
+        expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "decoder.weight": (d_in, n), "b_dec": (d_in,)}
+    expected |= {"k": (), "threshold": ()}
+    check_tensors(state, expected, where, f"{dict_class} with activation_dim={d_in}, dict_size={n}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{where} has unexpected tensor(s) {', '.join(map(repr, unexpected))}")
+
+    threshold = float(state["threshold"])
+    if threshold < 0:
+        raise CheckpointError(
+            f"{where}: threshold is {threshold}, the value before any was learned (training stopped before "
+            "threshold_start_step), so this SAE has no inference threshold"
+        )
+    source = {"model_id": trainer.get("lm_name"), "layer": trainer.get("layer")}
+    fields: dict[str, Any] = {
+        "architecture": "matryoshka_batchtopk" if matryoshka else "batchtopk",
+        "d_in": d_in,
+        "n_latents": n,
+        "k": int(state["k"]),
+        "threshold": threshold,
+        "source": {key: value for key, value in source.items() if value is not None},
+    }
+    if matryoshka:
+        fields["group_sizes"] = [int(size) for size in state["group_sizes"].tolist()]
+    cfg = parse_config(fields, f"{where} ({dict_class})")
+    tensors = {ours: state[theirs] for ours, theirs in names.items()}
+    if not matryoshka:
+        tensors["W_enc"], tensors["W_dec"] = tensors["W_enc"].T.contiguous(), tensors["W_dec"].T.contiguous()
+    return load_into(build_sae(cfg), tensors, where)

@@ -1,0 +1,7 @@
+"""The one error every checkpoint reader and writer raises, so callers catch a single type."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message says which file and what is wrong."""
