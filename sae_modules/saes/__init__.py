@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from sae_modules.saes.base import SAE, SAEConfig, SAEConfigError, SAEInputError, SAEOutput, fire_counts
 from sae_modules.saes.batchtopk import BatchTopKSAE
+from sae_modules.saes.gated import GatedSAE
+from sae_modules.saes.jumprelu import JumpReLUSAE
 from sae_modules.saes.matryoshka import MatryoshkaBatchTopKSAE, group_sizes_from_fractions
 from sae_modules.saes.relu import ReLUSAE
 from sae_modules.saes.topk import TopKSAE
@@ -14,6 +16,8 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
     "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "gated": GatedSAE,
 }
 
 
