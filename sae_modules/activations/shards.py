@@ -173,6 +173,11 @@ class ShardWriter:
     def complete(self) -> bool:
         return self.manifest.complete
 
+    @property
+    def rows(self) -> int:
+        """Rows on disk plus rows buffered for the next shard."""
+        return self.manifest.count + self._buffered
+
     def resume_position(self) -> tuple[int, int]:
         """(first image to extract, how many of its vectors are already on disk).
 

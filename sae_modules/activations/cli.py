@@ -1,0 +1,81 @@
+"""`vlm-steer extract`: the command-line face of the extraction job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from sae_modules.activations.errors import ExtractError
+from sae_modules.activations.extract import ExtractionPlan, run_extraction
+from sae_modules.activations.images import DatasetImages, FolderImages, ImageSource
+from sae_modules.activations.shards import ShardError
+from sae_modules.activations.tokens import SPEC_HELP, TokenSelection
+from sae_modules.activations.towers import load_tower
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def image_source(
+    images: Path | None, dataset: Path | None, image_column: str, label_column: str | None, split: str | None
+) -> ImageSource:
+    """Exactly one of --images and --dataset."""
+    if (images is None) == (dataset is None):
+        raise ExtractError("give exactly one of --images DIR and --dataset PATH")
+    if images is not None:
+        return FolderImages(images)
+    return DatasetImages(dataset, image_column=image_column, label_column=label_column, split=split)
+
+
+def extract(
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint (CLIP, CLIPVision, LLaVA), or open_clip:NAME.")],
+    layer: Annotated[int, typer.Option(help="Block index; negative counts from the end (LLaVA-1.5 reads -2).")],
+    out: Annotated[Path, typer.Option(help="Shard directory; rerunning resumes an unfinished run.")],
+    images: Annotated[Optional[Path], typer.Option(help="Image folder (recursive; subfolders are labels).")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="A datasets dataset written with save_to_disk.")] = None,
+    image_column: Annotated[str, typer.Option(help="Dataset column holding images.")] = "image",
+    label_column: Annotated[Optional[str], typer.Option(help="Dataset column holding labels.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a saved DatasetDict.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="open_clip weights (.safetensors or state dict).")] = None,
+    tokens: Annotated[str, typer.Option(help=SPEC_HELP)] = "random:2",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    shard_size: Annotated[int, typer.Option(help="Vectors per shard file.")] = 65536,
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float32, float16, bfloat16.")] = "float32",
+    seed: Annotated[int, typer.Option(help="Seed of random token picks (per image).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    ray: Annotated[bool, typer.Option("--ray", help="Run on a Ray actor pool (one model per actor).")] = False,
+    workers: Annotated[int, typer.Option(help="Ray actors (with --ray); one GPU each when GPUs exist.")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Extract one tower layer's activations from images into safetensors shards."""
+    console = Console(stderr=True)
+    try:
+        if dtype not in _DTYPES:
+            raise ExtractError(f"--dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
+        plan = ExtractionPlan(
+            model=model,
+            layer=layer,
+            tokens=TokenSelection.parse(tokens),
+            dtype=dtype,  # type: ignore[arg-type]
+            seed=seed,
+            batch_size=batch_size,
+            shard_size=shard_size,
+        )
+        source = image_source(images, dataset, image_column, label_column, split)
+        weights_file = str(weights) if weights else None
+        if ray:
+            from sae_modules.activations.ray_extract import run_ray_extraction
+
+            manifest = run_ray_extraction(model, weights_file, device, source, out, plan, workers, progress)
+        else:
+            manifest = run_extraction(load_tower(model, weights_file, device), source, out, plan, progress)
+    except (ExtractError, ShardError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(
+        f"{manifest.count} vectors of dim {manifest.d_in} from {len(manifest.images)} images "
+        f"in {len(manifest.shards)} shards -> {out}",
+        highlight=False,
+    )
