@@ -175,8 +175,6 @@ def load_saelens(directory: Path) -> SAE:
     _refuse_unsupported(cfg, str(cfg_path))
     architecture, d_in, d_sae = cfg["architecture"], cfg["d_in"], cfg["d_sae"]
     tensors = read_safetensors(weights_path)
-    if architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
-        tensors["threshold"] = tensors.pop("log_threshold").exp()
     scale = tensors.pop("finetuning_scaling_factor", tensors.pop("scaling_factor", None))
     expected = _expected_shapes(architecture, d_in, d_sae)
     unexpected = sorted(set(tensors) - set(expected))
