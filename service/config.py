@@ -1,0 +1,193 @@
+"""The service's one settings model: a YAML file (or Ray Serve builder args), then `VLM_STEER_*` env on top.
+
+Models and SAEs are named in a registry here and nowhere else: a request may only pick an id
+from it, never a path, so a client cannot make the service read arbitrary files.
+Env overrides use `__` for nesting: `VLM_STEER_LIMITS__MAX_TOKENS=128`,
+`VLM_STEER_API_KEYS='["k1","k2"]'`, `VLM_STEER_SAES='{"mine": {"path": "/ckpt"}}'`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "VLM_STEER_CONFIG"
+"""Env var naming the YAML settings file when none is passed explicitly (the container sets it)."""
+
+_file_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("vlm_steer_file_values", default={})
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field("demo", description="The name clients see in /v1/models and responses.")
+    path: str | None = Field(
+        None, description="Checkpoint directory or hub id. None: the shipped demo LLaVA (or a random tiny one)."
+    )
+    backend: Literal["transformers", "vllm"] = "transformers"
+    device: str = "cpu"
+    dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16; None keeps the checkpoint's.")
+
+
+class SAEEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="SAE checkpoint directory or hub id.")
+    layer: int | None = Field(None, description="Tower block to attach to; None uses the checkpoint's own.")
+
+
+class Limits(BaseModel):
+    """Bounds on what one request may ask for; each is enforced with a 4xx before any model work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: PositiveInt = 16 * 2**20
+    max_image_bytes: PositiveInt = 8 * 2**20
+    max_image_pixels: PositiveInt = 4096 * 4096
+    max_prompt_chars: PositiveInt = 8192
+    max_messages: PositiveInt = 32
+    max_tokens: PositiveInt = 512
+    max_interventions: NonNegativeInt = 64
+    max_top_k: PositiveInt = 1024
+    value_bound: PositiveFloat = 1e4
+    request_timeout_s: PositiveFloat = 120.0
+    max_in_flight: PositiveInt = Field(
+        256, description="Requests one ingress replica works on at once; past it: 503 with Retry-After."
+    )
+    retry_after_s: PositiveInt = 1
+    rate_limit_per_minute: PositiveInt | None = Field(None, description="Per API key (or client address); None: off.")
+    allow_remote_images: bool = Field(False, description="Let chat image_url parts fetch http(s) URLs.")
+    remote_image_timeout_s: PositiveFloat = 10.0
+
+
+class BatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: PositiveInt = 8
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+
+class Autoscaling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: NonNegativeInt = 1
+    max_replicas: PositiveInt = 4
+    target_ongoing_requests: PositiveFloat = 8
+
+
+class DeploymentSettings(BaseModel):
+    """Replica count or autoscaling, resources and queue bounds of one Ray Serve deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: PositiveInt = 1
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: PositiveInt = 32
+    max_queued_requests: int = Field(64, ge=-1, description="Past this the handle raises BackPressureError -> 503.")
+
+    def ray_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling is None:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        return options
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VLM_STEER_", env_nested_delimiter="__", extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    saes: dict[str, SAEEntry] = Field(
+        default_factory=dict, description="SAE registry: id -> checkpoint. Empty: the demo SAE as 'demo'."
+    )
+    default_sae: str | None = Field(None, description="Used when a request names no SAE; None: the first entry.")
+    layout: Literal["split", "colocated"] = Field(
+        "colocated",
+        description="split: steerer and generator are separate deployments; colocated: one replica runs both "
+        "and image embeddings never leave the device (faster on one machine, see README).",
+    )
+    batching: BatchSettings = Field(default_factory=BatchSettings)
+    limits: Limits = Field(default_factory=Limits)
+    ingress: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_cpus=0.5, max_ongoing_requests=512, max_queued_requests=-1)
+    )
+    steerer: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    generator: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Bearer tokens accepted; empty list turns authentication off."
+    )
+    route_prefix: str = "/"
+    app_name: str = "vlm-steer"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The YAML file's values (merged with builder args), ranked below env so operators can override."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _file_values.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_file_values.get())
+
+
+class ConfigError(ValueError):
+    """A settings file that cannot be read or does not fit the settings model."""
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(path: str | Path | None = None, values: dict[str, Any] | None = None) -> ServiceSettings:
+    """Settings from `path` (default: $VLM_STEER_CONFIG if set), then `values`, then env overrides.
+
+    `values` are what a Ray Serve config's `args:` or the CLI pass; they rank with the file, below env.
+    """
+    path = path or os.environ.get(CONFIG_ENV) or None
+    data = _deep_merge(read_yaml(path) if path else {}, values or {})
+    token = _file_values.set(data)
+    try:
+        return ServiceSettings()
+    finally:
+        _file_values.reset(token)
