@@ -14,9 +14,26 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from service.engine.prompts import find_stop, render_prompt
 from service.engine.types import GenerationOutput, GenerationRequest, SamplingParams
+
+
+class StopOnStrings(StoppingCriteria):
+    """Ends a row once its decoded answer holds a stop string.
+
+    transformers' own `stop_strings` needs a tokenizer whose vocabulary it can rebuild as text,
+    which word-level and some sentencepiece tokenizers are not; decoding the answer works for all.
+    """
+
+    def __init__(self, tokenizer: object, stops: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: object) -> Tensor:
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        return torch.tensor([find_stop(text, self.stops) is not None for text in texts], device=input_ids.device)
 
 
 def _batch_key(index: int, params: SamplingParams) -> tuple:
@@ -76,7 +93,7 @@ class TransformersGenerator:
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=None)
         if params.stop:
-            kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
+            kwargs.update(stopping_criteria=StoppingCriteriaList([StopOnStrings(self.tokenizer, params.stop)]))
         if params.temperature > 0 and params.seed is not None:
             with torch.random.fork_rng(devices=[embeds.device] if embeds.device.type == "cuda" else []):
                 torch.manual_seed(params.seed)
