@@ -39,7 +39,8 @@ class TowerActor:
         images, indices = load_batch(self.source, batch["image"].tolist())
         if not images:
             empty = np.zeros(0, dtype=np.int64)
-            return {"activations": np.zeros((0, self.tower.d_model), np.float32), "image_index": empty, "token_index": empty}
+            nothing = np.zeros((0, self.tower.d_model), np.float32)
+            return {"activations": nothing, "image_index": empty, "token_index": empty}
         rows, image_index, token_index = tower_rows(self.tower, self.plan, images, indices)
         return {
             "activations": rows.float().cpu().numpy(),
@@ -69,8 +70,6 @@ def run_ray_extraction(
     n_images = len(source.ids)
     starts, resume_image, done = batch_starts(writer, n_images, plan.batch_size)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
     indices = ray.data.from_numpy(np.arange(starts.start, n_images, dtype=np.int64)).rename_columns({"data": "image"})
     rows = indices.map_batches(
         TowerActor,
@@ -80,11 +79,16 @@ def run_ray_extraction(
         compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
         num_gpus=gpus,
     )
-    with tqdm(total=n_images, initial=starts.start, unit="img", desc="extract", disable=not progress) as bar:
-        for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
-            if len(batch["image_index"]) == 0:
-                continue
-            tensors = tuple(torch.from_numpy(np.ascontiguousarray(batch[k])) for k in ("activations", "image_index", "token_index"))
-            writer.add(*drop_written(tensors, resume_image, done))
-            bar.update(int(batch["image_index"][-1]) + 1 - bar.n)
+    options = ray.data.DataContext.get_current().execution_options
+    kept_order, options.preserve_order = options.preserve_order, True  # the writer needs image order
+    try:
+        with tqdm(total=n_images, initial=starts.start, unit="img", desc="extract", disable=not progress) as bar:
+            for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+                if len(batch["image_index"]) == 0:
+                    continue
+                tensors = tuple(torch.from_numpy(np.array(batch[k])) for k in ("activations", "image_index", "token_index"))
+                writer.add(*drop_written(tensors, resume_image, done))
+                bar.update(int(batch["image_index"][-1]) + 1 - bar.n)
+    finally:
+        options.preserve_order = kept_order
     return finish(writer)
