@@ -1,0 +1,209 @@
+"""`vlm-steer train` end to end on tiny shards: learning, logging, checkpoints, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+import yaml
+from safetensors.torch import load_file
+from train_fixtures import D_IN, sparse_activations, write_shards
+from typer.testing import CliRunner
+
+from sae_modules.activations.shards import read_manifest
+from sae_modules.saes import build_sae
+from sae_modules.saes.base import SAEConfig
+from sae_modules.train import TrainConfig, train_sae
+from sae_modules.train.cli import train
+from sae_modules.train.state import latest_checkpoint, load_checkpoint
+from sae_modules.train.trainer import lr_at
+
+LOG_FIELDS = {"step", "epoch", "samples", "lr", "loss", "fvu", "l0", "dead_fraction", "loss_l2", "loss_auxk"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("shards")
+    write_shards(directory, sparse_activations(6 * 256), shard_size=256)
+    return directory
+
+
+def _config(shards: Path, out: Path, **changes) -> TrainConfig:
+    base = dict(
+        shards=shards, out=out, architecture="batchtopk", n_latents=32, k=2, batch_size=64, steps=30,
+        lr=2e-2, warmup_steps=5, buffer_mb=2 * 256 * D_IN * 4 / 2**20, checkpoint_every=8, log_every=1,
+        dead_window=2000, threshold_decay=0.9, threads=1, progress=False,
+    )
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def _load(directory: Path):
+    cfg = SAEConfig.model_validate_json((directory / "cfg.json").read_text())
+    sae = build_sae(cfg)
+    sae.load_state_dict(load_file(directory / "sae.safetensors"))
+    return sae.eval()
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "sae.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory) -> Path:
+    return train_sae(_config(shards, tmp_path_factory.mktemp("run")))
+
+
+def test_learns_a_low_fvu_sae_that_takes_raw_activations(shards, tmp_path):
+    final = train_sae(_config(shards, tmp_path, steps=200, checkpoint_every=200, log_every=50))
+    sae = _load(final)
+    held = torch.cat([load_file(shards / e.file)["activations"] for e in read_manifest(shards).shards[-1:]])
+    with torch.no_grad():
+        f = sae.encode(held)
+        recon = sae.decode(f)
+    fvu = float((held - recon).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+    assert fvu < 0.1
+    metrics = sae.cfg.metrics
+    assert metrics["fvu"] == pytest.approx(fvu, rel=1e-4)
+    assert metrics["l0"] == pytest.approx(float((f != 0).sum(1).float().mean()), rel=1e-6)
+    assert sae.cfg.source.model_id == "tiny/clip" and sae.cfg.source.layer == -2
+    assert sae.cfg.source.tokens == "random:4" and sae.cfg.threshold is not None
+
+
+def test_log_has_every_field_and_consistent_figures(uninterrupted):
+    rows = [json.loads(line) for line in (uninterrupted.parent / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert all(LOG_FIELDS <= set(r) for r in rows)
+    last = rows[-1]
+    assert last["samples"] == 30 * 64 and last["epoch"] == pytest.approx(30 * 64 / (5 * 256))
+    assert last["loss"] == pytest.approx(last["loss_l2"] + 1 / 32 * last["loss_auxk"], rel=1e-5)
+    assert 0 <= last["dead_fraction"] <= 1 and 0 < last["fvu"] < 1
+    cfg = _config(Path("."), Path("."))
+    assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 30, cfg) for s in range(30)])
+
+
+def test_learning_rate_schedule():
+    cfg = _config(Path("."), Path("."), warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, 110, cfg) == pytest.approx(0.1) and lr_at(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(10, 110, cfg) == pytest.approx(1.0) and lr_at(109, 110, cfg) == pytest.approx(0.1)
+    assert lr_at(59.5, 110, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    linear = cfg.model_copy(update={"decay": "linear"})
+    assert lr_at(10 + 99 / 4, 110, linear) == pytest.approx(0.1 + 0.9 * 0.75)
+    assert math.isclose(lr_at(50, 110, cfg.model_copy(update={"decay": "constant"})), 1.0)
+
+
+def test_checkpoints_are_pruned_and_hold_the_full_state(uninterrupted):
+    root = uninterrupted.parent / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000024", "step-00000030"]
+    ckpt = load_checkpoint(latest_checkpoint(uninterrupted.parent))
+    assert ckpt.state.step == 30 and ckpt.state.input_scale > 1
+    assert (ckpt.state.epoch, ckpt.state.epoch_offset) == divmod(30 * 64, 5 * 256)
+    moments = ckpt.optimizer_state["state"]
+    shapes = sorted(tuple(m["exp_avg_sq"].shape) for m in moments.values())
+    assert shapes == sorted([(D_IN, 32), (32, D_IN), (32,), (D_IN,)]) and all(m["step"] == 30 for m in moments.values())
+    assert ckpt.sae_cfg.threshold is not None
+    # the exported SAE of the last checkpoint is the final SAE minus the held-out metrics
+    for name, value in _weights(root / "step-00000030" / "sae").items():
+        assert torch.equal(value, _weights(uninterrupted)[name])
+
+
+def test_resume_after_an_exception_equals_the_uninterrupted_run(shards, tmp_path, uninterrupted):
+    class Stop(Exception):
+        pass
+
+    def stop_at_13(record):
+        if record.step == 13:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_sae(_config(shards, tmp_path), on_step=stop_at_13)
+    assert load_checkpoint(latest_checkpoint(tmp_path)).state.step == 8
+    final = train_sae(_config(shards, tmp_path, resume=True))
+    expected = _weights(uninterrupted)
+    for name, value in _weights(final).items():
+        assert torch.equal(value, expected[name]), name
+    assert (final / "cfg.json").read_text() == (uninterrupted / "cfg.json").read_text()
+    assert (tmp_path / "train_log.jsonl").read_text() == (uninterrupted.parent / "train_log.jsonl").read_text()
+
+
+_CHILD = """
+import sys, time
+from pathlib import Path
+from sae_modules.train import TrainConfig, train_sae
+config = TrainConfig.model_validate_json(Path(sys.argv[1]).read_text())
+train_sae(config, on_step=lambda record: time.sleep(0.05))
+"""
+
+
+def test_a_sigkilled_job_resumes_to_the_same_weights(shards, tmp_path, uninterrupted):
+    config = _config(shards, tmp_path / "run")
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "config.json")], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(tmp_path / "run") is None and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "sae").exists()
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run")).state.step < 30
+    final = train_sae(config.model_copy(update={"resume": True}))
+    expected = _weights(uninterrupted)
+    for name, value in _weights(final).items():
+        assert torch.equal(value, expected[name]), name
+    assert (final.parent / "train_log.jsonl").read_text() == (uninterrupted.parent / "train_log.jsonl").read_text()
+
+
+def _cli(args: list[str]):
+    app = typer.Typer()
+    app.command()(train)
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_trains_from_yaml_with_flag_overrides(shards, tmp_path):
+    (tmp_path / "train.yaml").write_text(
+        f"shards: {shards}\nout: {tmp_path / 'run'}\narchitecture: matryoshka_batchtopk\nn_latents: 32\nk: 2\nthreads: 1\n"
+        "group_fractions: [0.25, 0.75]\nbatch_size: 64\nsteps: 500\nwarmup_steps: 2\n"
+    )
+    result = _cli(["--config", str(tmp_path / "train.yaml"), "--steps", "6", "--no-progress", "--holdout", "0.1"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "matryoshka_batchtopk" and cfg["group_sizes"] == [8, 24]
+    assert cfg["metrics"]["n_vectors"] == round(0.1 * 6 * 256)
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 1  # step 6 only (log_every 10)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--architecture", "sparse_magic"], "architecture"),
+        (["--shards", "/nonexistent/shards"], "shards"),
+        (["--d-in", "17"], "d_in: the config says 17"),
+        (["--architecture", "matryoshka_batchtopk", "--group-fractions", "0.5,0.2"], "group_fractions"),
+        (["--k", "100"], "k=100 exceeds n_latents=32"),
+        (["--batch-size", "63", "--workers", "2"], "batch_size"),
+    ],
+)
+def test_bad_settings_exit_with_a_message_naming_the_field(shards, tmp_path, args, message):
+    base = ["--shards", str(shards), "--out", str(tmp_path / "run"), "--n-latents", "32", "--k", "2", "--steps", "2"]
+    result = _cli(base + args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_existing_run_needs_resume_and_matching_settings(shards, tmp_path, uninterrupted):
+    settings = _config(shards, uninterrupted.parent).model_dump(mode="json")
+    (tmp_path / "same.yaml").write_text(yaml.safe_dump(settings))
+    result = _cli(["--config", str(tmp_path / "same.yaml")])
+    assert result.exit_code == 2 and "--resume" in result.output
+    result = _cli(["--config", str(tmp_path / "same.yaml"), "--resume", "--lr", "0.1"])
+    assert result.exit_code == 2 and "different settings (lr)" in result.output
