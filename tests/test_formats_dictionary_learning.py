@@ -33,12 +33,14 @@ def ref_matryoshka_encode(state: dict[str, Tensor], x: Tensor) -> Tensor:  # Mat
     post_relu = F.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
     encoded = post_relu * (post_relu > state["threshold"])
     group_indices = [0, *torch.cumsum(state["group_sizes"], dim=0).tolist()]
-    encoded[:, group_indices[len(state["group_sizes"])]:] = 0  # active_groups = all groups after loading
+    encoded[:, group_indices[len(state["group_sizes"])] :] = 0  # active_groups = all groups after loading
     return encoded
 
 
 def ref_matryoshka_decode(state: dict[str, Tensor], f: Tensor) -> Tensor:
     return f @ state["W_dec"] + state["b_dec"]
+
+
 # --- end of reference ---------------------------------------------------------------------------------
 
 
@@ -70,9 +72,17 @@ def matryoshka_state(seed: int = 0) -> dict[str, Tensor]:
 def trainer_config(dict_class: str, trainer_class: str, **extra: Any) -> dict[str, Any]:
     """config.json as dictionary_learning's trainSAE writes it."""
     trainer = {
-        "trainer_class": trainer_class, "dict_class": dict_class, "activation_dim": D_IN, "dict_size": N,
-        "k": K, "layer": 22, "lm_name": "openai/clip-vit-large-patch14-336", "threshold_beta": 0.999,
-        "threshold_start_step": 1000, "submodule_name": None, **extra,
+        "trainer_class": trainer_class,
+        "dict_class": dict_class,
+        "activation_dim": D_IN,
+        "dict_size": N,
+        "k": K,
+        "layer": 22,
+        "lm_name": "openai/clip-vit-large-patch14-336",
+        "threshold_beta": 0.999,
+        "threshold_start_step": 1000,
+        "submodule_name": None,
+        **extra,
     }
     return {"trainer": trainer, "buffer": {"d_submodule": D_IN}}
 
@@ -86,12 +96,24 @@ def write_dl(path: Path, state: dict[str, Tensor], config: dict[str, Any] | None
 
 
 CASES = {
-    "BatchTopKSAE": (batchtopk_state, trainer_config("BatchTopKSAE", "BatchTopKTrainer"), ref_batchtopk_encode,
-                     ref_batchtopk_decode),
-    "MatryoshkaBatchTopKSAE": (matryoshka_state, trainer_config("MatryoshkaBatchTopKSAE", "MatryoshkaBatchTopKTrainer",
-                               group_sizes=[2, 4, 10]), ref_matryoshka_encode, ref_matryoshka_decode),
-    "MatroyshkaBatchTopKSAE": (matryoshka_state, trainer_config("MatroyshkaBatchTopKSAE", "MatroyshkaBatchTopKTrainer",
-                               group_sizes=[2, 4, 10]), ref_matryoshka_encode, ref_matryoshka_decode),
+    "BatchTopKSAE": (
+        batchtopk_state,
+        trainer_config("BatchTopKSAE", "BatchTopKTrainer"),
+        ref_batchtopk_encode,
+        ref_batchtopk_decode,
+    ),
+    "MatryoshkaBatchTopKSAE": (
+        matryoshka_state,
+        trainer_config("MatryoshkaBatchTopKSAE", "MatryoshkaBatchTopKTrainer", group_sizes=[2, 4, 10]),
+        ref_matryoshka_encode,
+        ref_matryoshka_decode,
+    ),
+    "MatroyshkaBatchTopKSAE": (
+        matryoshka_state,
+        trainer_config("MatroyshkaBatchTopKSAE", "MatroyshkaBatchTopKTrainer", group_sizes=[2, 4, 10]),
+        ref_matryoshka_encode,
+        ref_matryoshka_decode,
+    ),
     "BatchTopKSAE-without-config": (batchtopk_state, None, ref_batchtopk_encode, ref_batchtopk_decode),
     "Matryoshka-without-config": (matryoshka_state, None, ref_matryoshka_encode, ref_matryoshka_decode),
 }
@@ -142,7 +164,9 @@ def test_exported_to_saelens_gives_the_same_latents(tmp_path: Path) -> None:
     weights = load_file(tmp_path / "saelens" / "sae_weights.safetensors")
     x = torch.randn(8, D_IN)
     hidden_pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
-    saelens_latents = torch.relu(hidden_pre) * (hidden_pre > weights["threshold"].relu())  # JumpReLUSAE.encode
+    saelens_latents = torch.relu(hidden_pre) * (
+        hidden_pre > weights["threshold"].relu()
+    )  # JumpReLUSAE.encode
     torch.testing.assert_close(saelens_latents, ref_matryoshka_encode(state, x), atol=ATOL, rtol=0)
 
 
@@ -153,7 +177,10 @@ def test_exported_to_saelens_gives_the_same_latents(tmp_path: Path) -> None:
         (lambda s, c: c["trainer"].update(dict_size=N + 1), r"'encoder\.weight'.*\[16, 6\].*needs \[17, 6\]"),
         (lambda s, c: s["decoder.weight"].__setitem__((0, 0), float("nan")), "'decoder.weight'.*1 NaN"),
         (lambda s, c: s.update(threshold=torch.tensor(-1.0)), "no inference threshold"),
-        (lambda s, c: c["trainer"].update(dict_class="AutoEncoderTopK"), "'AutoEncoderTopK' is not supported"),
+        (
+            lambda s, c: c["trainer"].update(dict_class="AutoEncoderTopK"),
+            "'AutoEncoderTopK' is not supported",
+        ),
         (lambda s, c: s.update(extra=torch.zeros(1)), "unexpected tensor.*'extra'"),
     ],
 )

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import sae_modules.formats.native as native
 from sae_modules import CheckpointError, SAEConfig, load_sae, save_sae
+from sae_modules.formats import native
 from sae_modules.formats.atomic import sha256_file
 from sae_modules.saes import build_sae
 

@@ -48,6 +48,8 @@ def ref_decode(cfg: dict[str, Any], w: dict[str, Tensor], f: Tensor) -> Tensor:
     if cfg.get("rescale_acts_by_decoder_norm"):  # _act_times_W_dec
         f = f * (1 / w["W_dec"].norm(dim=-1))
     return f @ w["W_dec"] + w["b_dec"]
+
+
 # --- end of reference ---------------------------------------------------------------------------------
 
 
@@ -59,7 +61,11 @@ def random_weights(architecture: str, seed: int = 0) -> dict[str, Tensor]:
 
     weights = {"W_enc": rand(D_IN, D_SAE), "W_dec": rand(D_SAE, D_IN, scale=1.0), "b_dec": rand(D_IN)}
     if architecture == "gated":
-        return weights | {"b_gate": rand(D_SAE, scale=0.3), "b_mag": rand(D_SAE, scale=0.3), "r_mag": rand(D_SAE, scale=0.3)}
+        return weights | {
+            "b_gate": rand(D_SAE, scale=0.3),
+            "b_mag": rand(D_SAE, scale=0.3),
+            "r_mag": rand(D_SAE, scale=0.3),
+        }
     weights["b_enc"] = rand(D_SAE, scale=0.3)
     if architecture == "jumprelu":
         weights["threshold"] = rand(D_SAE, scale=0.6)  # per latent, some negative
@@ -127,8 +133,12 @@ def test_encode_subset_of_loaded_jumprelu_and_gated(tmp_path: Path) -> None:
     latents = torch.tensor([0, 5, 19])
     x = torch.randn(9, D_IN)
     for architecture in ("jumprelu", "gated"):
-        sae = load_sae(write_saelens(tmp_path / architecture, saelens_cfg(architecture), random_weights(architecture)))
-        torch.testing.assert_close(sae.encode_subset(x, latents), sae.encode(x)[:, latents], atol=ATOL, rtol=0)
+        sae = load_sae(
+            write_saelens(tmp_path / architecture, saelens_cfg(architecture), random_weights(architecture))
+        )
+        torch.testing.assert_close(
+            sae.encode_subset(x, latents), sae.encode(x)[:, latents], atol=ATOL, rtol=0
+        )
 
 
 def test_pre_6_config_with_topk_activation_and_finetuning_scale(tmp_path: Path) -> None:
@@ -137,18 +147,27 @@ def test_pre_6_config_with_topk_activation_and_finetuning_scale(tmp_path: Path) 
     weights = random_weights("standard")
     scale = torch.rand(D_SAE) + 0.5
     cfg = {
-        "architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32",
-        "model_name": "gpt2", "hook_point": "blocks.3.hook_resid_pre", "activation_fn_str": "topk",
-        "activation_fn_kwargs": {"k": 3}, "apply_b_dec_to_input": True, "normalize_activations": False,
-        "finetuning_scaling_factor": True, "sae_lens_training_version": "3.13.0",
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "model_name": "gpt2",
+        "hook_point": "blocks.3.hook_resid_pre",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 3},
+        "apply_b_dec_to_input": True,
+        "normalize_activations": False,
+        "finetuning_scaling_factor": True,
+        "sae_lens_training_version": "3.13.0",
     }
     sae = load_sae(write_saelens(tmp_path / "old", cfg, weights | {"scaling_factor": scale}))
     x = torch.randn(5, D_IN)
     as_topk = cfg | {"architecture": "topk", "k": 3}
     expected = ref_encode(as_topk, weights, x)
     torch.testing.assert_close(sae.encode(x), expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(sae.decode(expected), (expected * scale) @ weights["W_dec"] + weights["b_dec"],
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        sae.decode(expected), (expected * scale) @ weights["W_dec"] + weights["b_dec"], atol=ATOL, rtol=0
+    )
     assert (sae.cfg.architecture, sae.cfg.source.model_id, sae.cfg.source.layer) == ("topk", "gpt2", 3)
 
 
@@ -207,9 +226,12 @@ OURS = {
 def our_sae(architecture: str):
     torch.manual_seed(1)
     cfg = SAEConfig(
-        architecture=architecture, d_in=D_IN, n_latents=D_SAE,
+        architecture=architecture,
+        d_in=D_IN,
+        n_latents=D_SAE,
         source={"model_id": "openai/clip-vit-large-patch14-336", "layer": 22, "tokens": "random:2"},
-        metrics={"fvu": 0.2}, **OURS[architecture],
+        metrics={"fvu": 0.2},
+        **OURS[architecture],
     )
     sae = build_sae(cfg)
     with torch.no_grad():
@@ -224,8 +246,17 @@ def test_export_is_read_by_saelens_and_round_trips_exactly(tmp_path: Path, archi
     export_saelens(sae, tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
     weights = load_file(tmp_path / "out" / "sae_weights.safetensors")
-    for field in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
-                  "normalize_activations", "reshape_activations", "metadata"):
+    for field in (
+        "architecture",
+        "d_in",
+        "d_sae",
+        "dtype",
+        "device",
+        "apply_b_dec_to_input",
+        "normalize_activations",
+        "reshape_activations",
+        "metadata",
+    ):
         assert field in cfg, field
     assert cfg["metadata"]["hook_name"] == "blocks.22.hook_resid_post"
     assert int(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6
@@ -286,8 +317,12 @@ def test_cli_export_writes_saelens_layout(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli(), ["--to", "saelens", str(src), str(tmp_path / "dst")])
     assert result.exit_code == 0, result.output
     assert "gated" in result.stdout
-    torch.testing.assert_close(load_sae(tmp_path / "dst").encode(torch.ones(D_IN)),
-                               load_sae(src).encode(torch.ones(D_IN)), atol=0, rtol=0)
+    torch.testing.assert_close(
+        load_sae(tmp_path / "dst").encode(torch.ones(D_IN)),
+        load_sae(src).encode(torch.ones(D_IN)),
+        atol=0,
+        rtol=0,
+    )
     again = CliRunner().invoke(cli(), [str(src), str(tmp_path / "dst")])
     assert again.exit_code == 2 and "--overwrite" in again.stderr
     assert CliRunner().invoke(cli(), ["--overwrite", str(src), str(tmp_path / "dst")]).exit_code == 0

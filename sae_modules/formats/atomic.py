@@ -11,12 +11,16 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from sae_modules.formats.errors import CheckpointError
 
 _CHUNK = 1 << 22
+#: Files a checkpoint directory of any supported layout holds; only such a directory is overwritten.
+CHECKPOINT_FILES = frozenset(
+    {"cfg.json", "sae.safetensors", "sae_weights.safetensors", "sparsity.safetensors", "ae.pt", "config.json"}
+)
 
 
 def sha256_file(path: Path) -> str:
@@ -35,22 +39,23 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _check_replaceable(target: Path, replaceable_names: Iterable[str]) -> None:
+def _check_replaceable(target: Path) -> None:
     """Only a directory holding nothing but checkpoint files may be overwritten."""
     if not target.is_dir():
         raise CheckpointError(f"refusing to overwrite {target}: it exists and is not a checkpoint directory")
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in set(replaceable_names))
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in CHECKPOINT_FILES)
     if foreign:
         raise CheckpointError(
-            f"refusing to overwrite {target}: it holds files that are not part of a checkpoint ({', '.join(foreign)})"
+            f"refusing to overwrite {target}: it holds files that are not part of a checkpoint "
+            f"({', '.join(foreign)})"
         )
 
 
-def write_checkpoint_dir(target: Path, fill: Callable[[Path], None], replaceable_names: Iterable[str]) -> None:
+def write_checkpoint_dir(target: Path, fill: Callable[[Path], None]) -> None:
     """Call `fill(tmp_dir)` to write the files, then move them to `target` in one rename."""
     target = Path(target)
     if target.exists():
-        _check_replaceable(target, replaceable_names)
+        _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     staging = target.parent / f".{target.name}.tmp-{tag}"

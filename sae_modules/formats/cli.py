@@ -38,4 +38,6 @@ def export(
     except CheckpointError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"wrote {sae.cfg.architecture} SAE ({sae.cfg.d_in} -> {sae.cfg.n_latents}) to {dst} as {to.value}")
+    typer.echo(
+        f"wrote {sae.cfg.architecture} SAE ({sae.cfg.d_in} -> {sae.cfg.n_latents}) to {dst} as {to.value}"
+    )

@@ -73,7 +73,9 @@ def resolve_checkpoint(path: str | os.PathLike[str], subfolder: str | None = Non
     fmt = detect_format(directory)
     if fmt is not None:
         return directory, fmt
-    nested = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_dir() and detect_format(p))
+    nested = sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_dir() and detect_format(p)
+    )
     if nested:
         raise CheckpointError(
             f"{directory} holds {len(nested)} SAE checkpoint(s) in sub-folders; choose one with subfolder=: "
@@ -82,7 +84,8 @@ def resolve_checkpoint(path: str | os.PathLike[str], subfolder: str | None = Non
     found = sorted(p.name for p in directory.iterdir())
     raise CheckpointError(
         f"no SAE checkpoint in {directory}: expected cfg.json + sae.safetensors (vlm-steer), "
-        f"cfg.json + sae_weights.safetensors (SAELens) or ae.pt (dictionary_learning); found {found or 'nothing'}"
+        f"cfg.json + sae_weights.safetensors (SAELens) or ae.pt (dictionary_learning); "
+        f"found {found or 'nothing'}"
     )
 
 

@@ -16,9 +16,13 @@ from typing import Any
 from torch import Tensor
 
 from sae_modules.formats.errors import CheckpointError
-from sae_modules.formats.native import parse_config, read_json
-from sae_modules.formats.tensors import check_tensors, load_into, read_torch_state_dict
-from sae_modules.saes import build_sae
+from sae_modules.formats.reading import (
+    build_and_load,
+    check_tensors,
+    parse_config,
+    read_json,
+    read_torch_state_dict,
+)
 from sae_modules.saes.base import SAE
 
 WEIGHTS_FILE = "ae.pt"
@@ -54,7 +58,9 @@ def _dict_class(trainer: dict[str, Any], state: dict[str, Tensor], where: str) -
     return named
 
 
-def _dims(trainer: dict[str, Any], state: dict[str, Tensor], encoder_key: str, d_in_axis: int) -> tuple[int, int]:
+def _dims(
+    trainer: dict[str, Any], state: dict[str, Tensor], encoder_key: str, d_in_axis: int
+) -> tuple[int, int]:
     """(d_in, n_latents): from config.json when it has them, else from the encoder tensor."""
     encoder = state.get(encoder_key)
     shape = tuple(encoder.shape) if encoder is not None and encoder.ndim == 2 else (0, 0)
@@ -77,8 +83,18 @@ def load_dictionary_learning(directory: Path) -> SAE:
         expected["group_sizes"] = tuple(state["group_sizes"].shape) if "group_sizes" in state else (1,)
     else:
         d_in, n = _dims(trainer, state, "encoder.weight", 1)
-        names = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "decoder.weight", "b_dec": "b_dec"}
-        expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "decoder.weight": (d_in, n), "b_dec": (d_in,)}
+        names = {
+            "W_enc": "encoder.weight",
+            "b_enc": "encoder.bias",
+            "W_dec": "decoder.weight",
+            "b_dec": "b_dec",
+        }
+        expected = {
+            "encoder.weight": (n, d_in),
+            "encoder.bias": (n,),
+            "decoder.weight": (d_in, n),
+            "b_dec": (d_in,),
+        }
     expected |= {"k": (), "threshold": ()}
     check_tensors(state, expected, where, f"{dict_class} with activation_dim={d_in}, dict_size={n}")
     unexpected = sorted(set(state) - set(expected))
@@ -106,4 +122,4 @@ def load_dictionary_learning(directory: Path) -> SAE:
     tensors = {ours: state[theirs] for ours, theirs in names.items()}
     if not matryoshka:
         tensors["W_enc"], tensors["W_dec"] = tensors["W_enc"].T.contiguous(), tensors["W_dec"].T.contiguous()
-    return load_into(build_sae(cfg), tensors, where)
+    return build_and_load(cfg, tensors, where)

@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from sae_modules.formats.atomic import sha256_file, write_checkpoint_dir
 from sae_modules.formats.errors import CheckpointError
-from sae_modules.formats.tensors import load_into, read_safetensors
-from sae_modules.saes import build_sae
-from sae_modules.saes.base import SAE, SAEConfig
+from sae_modules.formats.reading import build_and_load, parse_config, read_json, read_safetensors
+from sae_modules.saes.base import SAE
 
 FORMAT_NAME = "vlm-steer-sae"
 FORMAT_VERSION = 1
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
-#: Files a checkpoint directory may hold; only such a directory is ever overwritten.
-CHECKPOINT_FILES = (CFG_FILE, WEIGHTS_FILE, "sae_weights.safetensors", "sparsity.safetensors")
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:
@@ -44,31 +39,8 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
         }
         (staging / CFG_FILE).write_text(json.dumps(header, indent=2) + "\n")
 
-    write_checkpoint_dir(path, fill, CHECKPOINT_FILES)
+    write_checkpoint_dir(path, fill)
     return path
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"config file {path} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
-
-
-def parse_config(data: Any, where: str) -> SAEConfig:
-    """SAEConfig from a dict, turning pydantic's error into one line that names the field."""
-    try:
-        return SAEConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
-        )
-        raise CheckpointError(f"invalid SAE config in {where}: {problems}") from exc
 
 
 def load_native(directory: Path) -> SAE:
@@ -79,14 +51,16 @@ def load_native(directory: Path) -> SAE:
         raise CheckpointError(f"{cfg_path} is not a {FORMAT_NAME} config (no 'format'/'format_version')")
     if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{cfg_path} has format_version {version}; this vlm-steer reads up to {FORMAT_VERSION}: upgrade it"
+            f"{cfg_path} has format_version {version}; this vlm-steer reads up to {FORMAT_VERSION}: "
+            "upgrade vlm-steer"
         )
     tensors = read_safetensors(weights_path)
     actual = sha256_file(weights_path)
     if actual != header.get("weights_sha256"):
         raise CheckpointError(
             f"{weights_path} does not match the sha256 recorded in {cfg_path} "
-            f"(recorded {header.get('weights_sha256')}, file has {actual}): the file is corrupt or was replaced"
+            f"(recorded {header.get('weights_sha256')}, file has {actual}): "
+            "the file is corrupt or was replaced"
         )
     cfg = parse_config(header.get("config"), str(cfg_path))
-    return load_into(build_sae(cfg), tensors, str(weights_path))
+    return build_and_load(cfg, tensors, str(weights_path))

@@ -6,8 +6,9 @@ Reading maps SAELens' options onto our module without changing what `encode` com
 a pre-6 `finetuning_scaling_factor` is folded into the decoder rows, and topk's
 `rescale_acts_by_decoder_norm` is folded in as SAELens' own `fold_W_dec_norm` does (encoder
 columns and b_enc times the decoder row norms, decoder rows divided by them): the selection and
-the reconstruction are unchanged, and the latents come out exactly as SAELens reports them. Options that need information a
-checkpoint does not carry (a dataset norm, per-token normalisation) are refused.
+the reconstruction are unchanged, and the latents come out exactly as SAELens reports them.
+Options that need information a checkpoint does not carry (a dataset norm, per-token
+normalisation) are refused.
 
 Writing keeps our whole SAEConfig under `metadata.vlm_steer_config`, so exporting and importing
 back gives the same architecture, config and tensors. BatchTopK and Matryoshka are written as
@@ -27,9 +28,13 @@ from torch import Tensor
 
 from sae_modules.formats.atomic import write_checkpoint_dir
 from sae_modules.formats.errors import CheckpointError
-from sae_modules.formats.native import CHECKPOINT_FILES, parse_config, read_json
-from sae_modules.formats.tensors import check_tensors, load_into, read_safetensors
-from sae_modules.saes import build_sae
+from sae_modules.formats.reading import (
+    build_and_load,
+    check_tensors,
+    parse_config,
+    read_json,
+    read_safetensors,
+)
 from sae_modules.saes.base import SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
@@ -47,14 +52,20 @@ _TO_SAELENS = {
     "jumprelu": "jumprelu",
     "gated": "gated",
 }
-_PRE6_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
+_PRE6_RENAMES = {
+    "hook_point": "hook_name",
+    "hook_point_head_index": "hook_head_index",
+    "activation_fn_str": "activation_fn",
+}
 _PRE6_METADATA = ("model_name", "hook_name", "hook_head_index", "dataset_path", "context_size", "prepend_bos")
 _HOOK_LAYER = re.compile(r"blocks\.(-?\d+)\.")
 
 
 def _is_pre6(raw: dict[str, Any]) -> bool:
     metadata = raw.get("metadata")
-    version = raw.get("sae_lens_version") or (metadata.get("sae_lens_version") if isinstance(metadata, dict) else None)
+    version = raw.get("sae_lens_version") or (
+        metadata.get("sae_lens_version") if isinstance(metadata, dict) else None
+    )
     match = re.match(r"\s*(\d+)", str(version or ""))
     return match is None or int(match.group(1)) < 6
 
@@ -71,7 +82,9 @@ def _normalise(raw: dict[str, Any], where: str) -> dict[str, Any]:
             cfg["architecture"] = "topk"
             cfg.setdefault("k", kwargs.get("k"))
         elif activation != "relu":
-            raise CheckpointError(f"{where}: activation_fn {activation!r} is not supported (only relu and topk)")
+            raise CheckpointError(
+                f"{where}: activation_fn {activation!r} is not supported (only relu and topk)"
+            )
         normalise = cfg.get("normalize_activations")
         cfg["normalize_activations"] = {None: "none", False: "none", True: "expected_average_only_in"}.get(
             normalise, normalise
@@ -90,20 +103,25 @@ def _refuse_unsupported(cfg: dict[str, Any], where: str) -> None:
     architecture = cfg.get("architecture")
     if architecture in ("batchtopk", "matryoshka_batchtopk"):
         raise CheckpointError(
-            f"{where}: architecture {architecture!r} is a SAELens training checkpoint, whose encode picks the "
-            "top k over the whole batch; save it for inference (TrainingSAE.save_inference_model writes jumprelu)"
+            f"{where}: architecture {architecture!r} is a SAELens training checkpoint, whose encode "
+            "picks the top k over the whole batch; save it for inference "
+            "(TrainingSAE.save_inference_model writes jumprelu)"
         )
     if architecture not in _TO_OURS:
         raise CheckpointError(
-            f"{where}: SAELens architecture {architecture!r} is not supported (supported: {', '.join(_TO_OURS)})"
+            f"{where}: SAELens architecture {architecture!r} is not supported "
+            f"(supported: {', '.join(_TO_OURS)})"
         )
     for field in ("d_in", "d_sae"):
         if not isinstance(cfg.get(field), int) or isinstance(cfg.get(field), bool) or cfg[field] <= 0:
-            raise CheckpointError(f"{where}: field {field!r} must be a positive integer, got {cfg.get(field)!r}")
+            raise CheckpointError(
+                f"{where}: field {field!r} must be a positive integer, got {cfg.get(field)!r}"
+            )
     normalise = cfg["normalize_activations"]
     if normalise == "expected_average_only_in":
         raise CheckpointError(
-            f"{where}: normalize_activations='expected_average_only_in' needs the dataset norm scaling factor, "
+            f"{where}: normalize_activations='expected_average_only_in' needs the dataset norm "
+            "scaling factor, "
             "which SAELens does not store in the checkpoint; fold it in with "
             "sae.fold_activation_norm_scaling_factor(factor) and save again"
         )
@@ -114,7 +132,8 @@ def _refuse_unsupported(cfg: dict[str, Any], where: str) -> None:
         )
     if cfg["reshape_activations"] != "none":
         raise CheckpointError(
-            f"{where}: reshape_activations={cfg['reshape_activations']!r} (attention-head outputs) is not supported"
+            f"{where}: reshape_activations={cfg['reshape_activations']!r} (attention-head outputs) "
+            "is not supported"
         )
     if not isinstance(cfg["apply_b_dec_to_input"], bool):
         raise CheckpointError(f"{where}: field 'apply_b_dec_to_input' must be true or false")
@@ -137,7 +156,8 @@ def _our_config(cfg: dict[str, Any], threshold: Tensor | None, where: str) -> SA
     if OUR_CONFIG_KEY in metadata:
         ours = parse_config(metadata[OUR_CONFIG_KEY], f"{where} (metadata.{OUR_CONFIG_KEY})")
         topk_matches = ours.architecture != "topk" or (ours.k, ours.rescale_acts_by_decoder_norm) == (
-            cfg.get("k"), cfg.get("rescale_acts_by_decoder_norm", False)
+            cfg.get("k"),
+            cfg.get("rescale_acts_by_decoder_norm", False),
         )
         threshold_matches = ours.threshold is None or (
             threshold is not None and torch.equal(threshold, torch.full_like(threshold, ours.threshold))
@@ -149,7 +169,9 @@ def _our_config(cfg: dict[str, Any], threshold: Tensor | None, where: str) -> SA
             and threshold_matches
         )
         if not consistent:
-            raise CheckpointError(f"{where}: metadata.{OUR_CONFIG_KEY} disagrees with the SAELens fields or weights")
+            raise CheckpointError(
+                f"{where}: metadata.{OUR_CONFIG_KEY} disagrees with the SAELens fields or weights"
+            )
         return ours
     hook = metadata.get("hook_name") or ""
     layer = _HOOK_LAYER.search(hook)
@@ -180,8 +202,12 @@ def load_saelens(directory: Path) -> SAE:
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{weights_path} has unexpected tensor(s) {', '.join(map(repr, unexpected))}")
-    check_tensors(tensors, expected, str(weights_path), f"{cfg_path} (architecture={architecture!r}, "
-                  f"d_in={d_in}, d_sae={d_sae})")
+    check_tensors(
+        tensors,
+        expected,
+        str(weights_path),
+        f"{cfg_path} (architecture={architecture!r}, d_in={d_in}, d_sae={d_sae})",
+    )
     tensors = {name: t.to(torch.float32) for name, t in tensors.items()}
     if scale is not None:
         check_tensors({"scaling_factor": scale}, {"scaling_factor": (d_sae,)}, str(weights_path), "d_sae")
@@ -201,7 +227,7 @@ def load_saelens(directory: Path) -> SAE:
     ours = _our_config(cfg, tensors.get("threshold"), str(cfg_path))
     if ours.architecture in ("batchtopk", "matryoshka_batchtopk"):
         del tensors["threshold"]
-    return load_into(build_sae(ours), tensors, str(weights_path))
+    return build_and_load(ours, tensors, str(weights_path))
 
 
 def _hook_name(cfg: SAEConfig) -> str | None:
@@ -265,5 +291,5 @@ def export_saelens(sae: SAE, path: str | Path) -> Path:
         save_file(tensors, staging / WEIGHTS_FILE)
         (staging / CFG_FILE).write_text(json.dumps(layout, indent=2) + "\n")
 
-    write_checkpoint_dir(path, fill, CHECKPOINT_FILES)
+    write_checkpoint_dir(path, fill)
     return path

@@ -1,17 +1,45 @@
-"""Reading weight files and checking their tensors, with messages that name the file and tensor."""
+"""Reading checkpoint files (JSON configs, safetensors, torch state dicts), checking their tensors and
+building the module, with messages that name the file, the tensor or the field."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
 from sae_modules.formats.errors import CheckpointError
-from sae_modules.saes.base import SAE
+from sae_modules.saes import build_sae
+from sae_modules.saes.base import SAE, SAEConfig, SAEConfigError
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"config file {path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def parse_config(data: Any, where: str) -> SAEConfig:
+    """SAEConfig from a dict, turning pydantic's error into one line that names the field."""
+    try:
+        return SAEConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise CheckpointError(f"invalid SAE config in {where}: {problems}") from exc
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -20,7 +48,9 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt): {exc}") from exc
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt): {exc}"
+        ) from exc
 
 
 def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
@@ -36,7 +66,9 @@ def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], where: str, why: str) -> None:
+def check_tensors(
+    tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], where: str, why: str
+) -> None:
     """Every expected tensor is present, has the shape the config implies, and is finite.
 
     `why` describes the config the shapes come from, so a mismatch says which side to doubt.
@@ -57,8 +89,12 @@ def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[in
                 raise CheckpointError(f"tensor {name!r} in {where} has {bad} NaN or infinite value(s)")
 
 
-def load_into(sae: SAE, tensors: Mapping[str, Tensor], where: str) -> SAE:
-    """Copy checked tensors into a freshly built module; names must match its state dict exactly."""
+def build_and_load(cfg: SAEConfig, tensors: Mapping[str, Tensor], where: str) -> SAE:
+    """Build the module for `cfg` and copy in the checked tensors, whose names must match its state dict."""
+    try:
+        sae = build_sae(cfg)
+    except SAEConfigError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
     own = sae.state_dict()
     unexpected = sorted(set(tensors) - set(own))
     if unexpected:
