@@ -9,7 +9,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
 N_TOKENS = (32 // 8) ** 2 + 1
 OPEN_CLIP_NAME = "vlmsteer-tiny-vit"
 OPEN_CLIP_CONFIG = {
@@ -43,8 +50,16 @@ def clip_model(seed: int = 0):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return CLIPModel(CLIPConfig(vision_config=VISION, text_config=text, projection_dim=16)).eval()
 
 
@@ -52,9 +67,18 @@ def llava(seed: int = 0):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    text = dict(model_type="llama", hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, vocab_size=64)
-    return LlavaForConditionalGeneration(LlavaConfig(vision_config=VISION, text_config=text, image_token_index=63)).eval()
+    text = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    return LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=VISION, text_config=text, image_token_index=63)
+    ).eval()
 
 
 def save_llava(model, path: Path) -> Path:
@@ -62,7 +86,9 @@ def save_llava(model, path: Path) -> Path:
     from transformers import CLIPImageProcessor
 
     model.save_pretrained(path, max_shard_size="40KB")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        path
+    )
     return path
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from PIL import Image
 from typer.testing import CliRunner
 
 from sae_modules.activations.cli import extract
@@ -60,7 +59,9 @@ def _rows(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _plan(model_dir, **kw) -> ExtractionPlan:
-    return ExtractionPlan(**({"model": str(model_dir), "layer": 1, "tokens": TokenSelection.parse("all")} | kw))
+    return ExtractionPlan(
+        **({"model": str(model_dir), "layer": 1, "tokens": TokenSelection.parse("all")} | kw)
+    )
 
 
 @pytest.mark.parametrize("spec", ["all", "cls", "patches", "mean", "random:3"])
@@ -153,7 +154,8 @@ class KilledWhileReading(FolderImages):
             os.kill(os.getpid(), signal.SIGKILL)
         return super().load(index)
 
-plan = ExtractionPlan(model=model, layer=-2, tokens=TokenSelection.parse("random:2"), batch_size=3, shard_size=5)
+tokens = TokenSelection.parse("random:2")
+plan = ExtractionPlan(model=model, layer=-2, tokens=tokens, batch_size=3, shard_size=5)
 run_extraction(load_tower(model, device="cpu"), KilledWhileReading(images), out, plan, progress=False)
 """
 
@@ -168,15 +170,23 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tower, model_dir, tmp_
     script = tmp_path / "killing_run.py"
     script.write_text(textwrap.dedent(KILLING_RUN))
     root = Path(__file__).resolve().parents[1]
-    killed = subprocess.run([sys.executable, str(script), str(model_dir), str(images), str(out), "14"],
-                            cwd=root, env={"PYTHONPATH": str(root)}, capture_output=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, str(script), str(model_dir), str(images), str(out), "14"],
+        cwd=root,
+        env={"PYTHONPATH": str(root)},
+        capture_output=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     partial = read_manifest(out)
     assert not partial.complete and 1 <= len(partial.shards) < len(reference.shards)
 
     resumed = run_extraction(tower, FolderImages(images), out, plan, progress=False)
     assert resumed.model_dump() == reference.model_dump()  # same rows, boundaries and sha256s
-    assert all(torch.equal(a, b) for a, b in zip(_rows(out).values(), _rows(tmp_path / "whole").values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(_rows(out).values(), _rows(tmp_path / "whole").values(), strict=True)
+    )
 
 
 def test_corrupted_shard_is_redone_on_rerun(tower, model_dir, image_dir, tmp_path):
@@ -194,8 +204,13 @@ def test_unreadable_image_is_skipped_with_a_warning(tower, model_dir, tmp_path):
     fx.write_images(tmp_path / "imgs", 3)
     (tmp_path / "imgs" / "img001.png").write_bytes(b"not a png")
     with pytest.warns(UserWarning, match="skipping unreadable image img001.png"):
-        manifest = run_extraction(tower, FolderImages(tmp_path / "imgs"), tmp_path / "out",
-                                  _plan(model_dir, tokens=TokenSelection.parse("cls")), progress=False)
+        manifest = run_extraction(
+            tower,
+            FolderImages(tmp_path / "imgs"),
+            tmp_path / "out",
+            _plan(model_dir, tokens=TokenSelection.parse("cls")),
+            progress=False,
+        )
     assert manifest.images == ["img000.png", "img001.png", "img002.png"]
     assert _rows(tmp_path / "out")["image_index"].tolist() == [0, 2]
 
@@ -204,7 +219,9 @@ def test_all_images_unreadable_is_an_error(tower, model_dir, tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(b"")
     with pytest.warns(UserWarning), pytest.raises(ExtractError, match="no image could be read"):
-        run_extraction(tower, FolderImages(tmp_path / "imgs"), tmp_path / "out", _plan(model_dir), progress=False)
+        run_extraction(
+            tower, FolderImages(tmp_path / "imgs"), tmp_path / "out", _plan(model_dir), progress=False
+        )
 
 
 @pytest.mark.parametrize(
@@ -212,7 +229,10 @@ def test_all_images_unreadable_is_an_error(tower, model_dir, tmp_path):
     [
         (["--images", "{empty}"], "holds no image files"),
         (["--images", "{tmp}/nowhere"], "is not a directory"),
-        (["--images", "{images}", "--layer", "7"], "--layer: layer 7 is out of range for a tower of 3 blocks"),
+        (
+            ["--images", "{images}", "--layer", "7"],
+            "--layer: layer 7 is out of range for a tower of 3 blocks",
+        ),
         (["--images", "{images}", "--tokens", "random:0"], "--tokens: 'random:0' is not a token selection"),
         (["--images", "{images}", "--tokens", "random:17"], "more than the tower's 16 patches"),
         (["--images", "{images}", "--dataset", "{tmp}"], "exactly one of --images DIR and --dataset PATH"),

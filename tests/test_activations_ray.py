@@ -22,8 +22,12 @@ def local_ray(tmp_path_factory):
     if ray.is_initialized():
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -39,12 +43,16 @@ def test_ray_extraction_equals_local_extraction(local_ray, tmp_path):
     fx.write_images(tmp_path / "images" / "a", 4, seed=1)
     fx.write_images(tmp_path / "images" / "b", 3, seed=2)
     source = FolderImages(tmp_path / "images")
-    plan = ExtractionPlan(model=str(model_dir), layer=-2, tokens=TokenSelection.parse("random:2"), batch_size=2,
-                          shard_size=5)
+    plan = ExtractionPlan(
+        model=str(model_dir), layer=-2, tokens=TokenSelection.parse("random:2"), batch_size=2, shard_size=5
+    )
 
-    manifest = run_ray_extraction(str(model_dir), None, "cpu", source, tmp_path / "ray_out", plan, workers=1,
-                                  progress=False)
-    local = run_extraction(load_tower(str(model_dir), device="cpu"), source, tmp_path / "local", plan, progress=False)
+    manifest = run_ray_extraction(
+        str(model_dir), None, "cpu", source, tmp_path / "ray_out", plan, workers=1, progress=False
+    )
+    local = run_extraction(
+        load_tower(str(model_dir), device="cpu"), source, tmp_path / "local", plan, progress=False
+    )
 
     assert manifest.complete and manifest.count == local.count == 14
     assert manifest.labels == ["a"] * 4 + ["b"] * 3

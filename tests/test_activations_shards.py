@@ -18,7 +18,9 @@ from sae_modules.activations.shards import (
 
 
 def _manifest(**overrides) -> ShardManifest:
-    fields = dict(model="tiny", layer=-2, tokens="random:2", d_in=4, images=["a.png", "b.png", "c.png"], seed=0)
+    fields = dict(
+        model="tiny", layer=-2, tokens="random:2", d_in=4, images=["a.png", "b.png", "c.png"], seed=0
+    )
     return ShardManifest(**(fields | overrides))
 
 

@@ -55,11 +55,14 @@ def test_llava_tower_from_a_sharded_checkpoint_with_its_processor(tmp_path, imag
     _check_layers(tower, model.model.vision_tower, pixels)
     # LLaVA's own feature path reads block -2 (vision_feature_layer), the same tensor our layer -2 gives.
     with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
-                                                  vision_feature_select_strategy="full")
+        features = model.model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="full"
+        )
     features = features.pooler_output if hasattr(features, "pooler_output") else features
     projected = model.model.multi_modal_projector(tower.layer_output(pixels, -2))
-    torch.testing.assert_close(torch.cat(list(features)).reshape(projected.shape), projected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        torch.cat(list(features)).reshape(projected.shape), projected, rtol=0, atol=1e-5
+    )
 
 
 def test_legacy_llava_key_layout(tmp_path, images):
@@ -81,7 +84,11 @@ def test_open_clip_tower_matches_its_own_intermediates(tmp_path, images):
     for layer in (0, 2, -2):
         with torch.no_grad():
             ref = model.visual.forward_intermediates(
-                pixels, indices=[layer % 3], intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
+                pixels,
+                indices=[layer % 3],
+                intermediates_only=True,
+                output_fmt="NLC",
+                output_extra_tokens=True,
             )
         expected = torch.cat([ref["image_intermediates_prefix"][0], ref["image_intermediates"][0]], dim=1)
         torch.testing.assert_close(tower.layer_output(pixels, layer), expected, rtol=0, atol=1e-6)

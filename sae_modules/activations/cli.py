@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -30,22 +30,34 @@ def image_source(
 
 
 def extract(
-    model: Annotated[str, typer.Option(help="Hub id or local checkpoint (CLIP, CLIPVision, LLaVA), or open_clip:NAME.")],
-    layer: Annotated[int, typer.Option(help="Block index; negative counts from the end (LLaVA-1.5 reads -2).")],
+    model: Annotated[
+        str, typer.Option(help="Hub id or local checkpoint (CLIP, CLIPVision, LLaVA), or open_clip:NAME.")
+    ],
+    layer: Annotated[
+        int, typer.Option(help="Block index; negative counts from the end (LLaVA-1.5 reads -2).")
+    ],
     out: Annotated[Path, typer.Option(help="Shard directory; rerunning resumes an unfinished run.")],
-    images: Annotated[Optional[Path], typer.Option(help="Image folder (recursive; subfolders are labels).")] = None,
-    dataset: Annotated[Optional[Path], typer.Option(help="A datasets dataset written with save_to_disk.")] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Image folder (recursive; subfolders are labels).")
+    ] = None,
+    dataset: Annotated[
+        Path | None, typer.Option(help="A datasets dataset written with save_to_disk.")
+    ] = None,
     image_column: Annotated[str, typer.Option(help="Dataset column holding images.")] = "image",
-    label_column: Annotated[Optional[str], typer.Option(help="Dataset column holding labels.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Split of a saved DatasetDict.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="open_clip weights (.safetensors or state dict).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Dataset column holding labels.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split of a saved DatasetDict.")] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="open_clip weights (.safetensors or state dict).")
+    ] = None,
     tokens: Annotated[str, typer.Option(help=SPEC_HELP)] = "random:2",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     shard_size: Annotated[int, typer.Option(help="Vectors per shard file.")] = 65536,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, float16, bfloat16.")] = "float32",
     seed: Annotated[int, typer.Option(help="Seed of random token picks (per image).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    ray: Annotated[bool, typer.Option("--ray", help="Run on a Ray actor pool (one model per actor).")] = False,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Run on a Ray actor pool (one model per actor).")
+    ] = False,
     workers: Annotated[int, typer.Option(help="Ray actors (with --ray); one GPU each when GPUs exist.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:

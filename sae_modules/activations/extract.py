@@ -42,7 +42,9 @@ class ExtractionPlan:
     def __post_init__(self) -> None:
         for name in ("batch_size", "shard_size"):
             if getattr(self, name) < 1:
-                raise ExtractError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ExtractError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
 
 
 def open_writer(plan: ExtractionPlan, tower: Tower, source: ImageSource, out: Path) -> ShardWriter:

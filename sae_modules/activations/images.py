@@ -103,7 +103,9 @@ class DatasetImages:
         try:
             from datasets import Dataset, DatasetDict, load_from_disk
         except ImportError:
-            raise ExtractError("--dataset needs the datasets extra: pip install 'vlm-steer[datasets]'") from None
+            raise ExtractError(
+                "--dataset needs the datasets extra: pip install 'vlm-steer[datasets]'"
+            ) from None
         try:
             loaded = load_from_disk(str(self.path))
         except FileNotFoundError:
@@ -131,4 +133,6 @@ class DatasetImages:
             value = value["path"]
         if isinstance(value, str):
             return _rgb(lambda: Image.open(value), image_id)
-        raise UnreadableImage(f"{image_id}: column {self.image_column!r} holds {type(value).__name__}, not an image")
+        raise UnreadableImage(
+            f"{image_id}: column {self.image_column!r} holds {type(value).__name__}, not an image"
+        )

@@ -30,7 +30,9 @@ from sae_modules.activations.towers import load_tower
 class TowerActor:
     """Holds one tower; turns a batch of image indices into selected rows."""
 
-    def __init__(self, model: str, weights: str | None, device: str, source: ImageSource, plan: ExtractionPlan):
+    def __init__(
+        self, model: str, weights: str | None, device: str, source: ImageSource, plan: ExtractionPlan
+    ):
         self.tower = load_tower(model, weights, device)
         self.source = source
         self.plan = plan
@@ -70,7 +72,9 @@ def run_ray_extraction(
     n_images = len(source.ids)
     starts, resume_image, done = batch_starts(writer, n_images, plan.batch_size)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    indices = ray.data.from_numpy(np.arange(starts.start, n_images, dtype=np.int64)).rename_columns({"data": "image"})
+    indices = ray.data.from_numpy(np.arange(starts.start, n_images, dtype=np.int64)).rename_columns(
+        {"data": "image"}
+    )
     rows = indices.map_batches(
         TowerActor,
         fn_constructor_args=(model, weights, device, source, plan),
@@ -82,11 +86,16 @@ def run_ray_extraction(
     options = ray.data.DataContext.get_current().execution_options
     kept_order, options.preserve_order = options.preserve_order, True  # the writer needs image order
     try:
-        with tqdm(total=n_images, initial=starts.start, unit="img", desc="extract", disable=not progress) as bar:
+        with tqdm(
+            total=n_images, initial=starts.start, unit="img", desc="extract", disable=not progress
+        ) as bar:
             for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
                 if len(batch["image_index"]) == 0:
                     continue
-                tensors = tuple(torch.from_numpy(np.array(batch[k])) for k in ("activations", "image_index", "token_index"))
+                tensors = tuple(
+                    torch.from_numpy(np.array(batch[k]))
+                    for k in ("activations", "image_index", "token_index")
+                )
                 writer.add(*drop_written(tensors, resume_image, done))
                 bar.update(int(batch["image_index"][-1]) + 1 - bar.n)
     finally:

@@ -28,7 +28,11 @@ from torch import Tensor
 FORMAT = "vlm-steer-activations/1"
 MANIFEST = "manifest.json"
 DType = Literal["float32", "float16", "bfloat16"]
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 SHARD_KEYS = ("activations", "image_index", "token_index")
 
 

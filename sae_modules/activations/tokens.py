@@ -46,7 +46,9 @@ class TokenSelection:
         """Rows each image yields; checks the selection fits a tower of `n_tokens` tokens."""
         n_patches = n_tokens - 1
         if self.mode == "random" and self.k > n_patches:
-            raise ExtractError(f"--tokens: random:{self.k} asks for more than the tower's {n_patches} patches")
+            raise ExtractError(
+                f"--tokens: random:{self.k} asks for more than the tower's {n_patches} patches"
+            )
         return {"all": n_tokens, "cls": 1, "patches": n_patches, "mean": 1, "random": self.k}[self.mode]
 
     def positions(self, n_tokens: int, image_index: int, seed: int) -> Tensor:
@@ -63,7 +65,9 @@ class TokenSelection:
         picked = np.sort(rng.choice(n_tokens - 1, size=self.k, replace=False)) + 1
         return torch.from_numpy(picked).long()
 
-    def select(self, hidden: Tensor, image_indices: Sequence[int], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    def select(
+        self, hidden: Tensor, image_indices: Sequence[int], seed: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """hidden [B, T, D] of images `image_indices` -> (rows [n, D], image_index [n], token_index [n])."""
         n_tokens = hidden.shape[1]
         self.per_image(n_tokens)
@@ -73,5 +77,7 @@ class TokenSelection:
         else:
             batch = torch.cat([torch.full_like(p, b) for b, p in enumerate(positions)])
             rows = hidden[batch.to(hidden.device), torch.cat(positions).to(hidden.device)]
-        image_index = torch.cat([torch.full_like(p, int(i)) for i, p in zip(image_indices, positions)])
+        image_index = torch.cat(
+            [torch.full_like(p, int(i)) for i, p in zip(image_indices, positions, strict=True)]
+        )
         return rows, image_index, torch.cat(positions)

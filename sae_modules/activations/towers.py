@@ -74,7 +74,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError:
-        raise ExtractError(f"--device: {device!r} is not a torch device (try auto, cpu, cuda, cuda:1)") from None
+        raise ExtractError(
+            f"--device: {device!r} is not a torch device (try auto, cpu, cuda, cuda:1)"
+        ) from None
 
 
 def load_tower(model: str, weights: str | None = None, device: str = "auto") -> Tower:
@@ -84,7 +86,9 @@ def load_tower(model: str, weights: str | None = None, device: str = "auto") -> 
         tower = _load_open_clip(model, weights, torch_device)
     else:
         if weights is not None:
-            raise ExtractError("--weights is only for open_clip models; a transformers checkpoint carries its own")
+            raise ExtractError(
+                "--weights is only for open_clip models; a transformers checkpoint carries its own"
+            )
         tower = _load_transformers(model, torch_device)
     tower.module.to(torch_device).eval()
     return tower
@@ -176,7 +180,9 @@ def _load_transformers(model: str, device: torch.device) -> Tower:
         processor = CLIPImageProcessor.from_pretrained(str(processor_file.parent))
     else:
         side = config.image_size
-        processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        )
     return Tower(
         name=model,
         module=tower,
@@ -194,9 +200,13 @@ def _load_open_clip(model: str, weights: str | None, device: torch.device) -> To
     try:
         import open_clip
     except ImportError:
-        raise ExtractError("open_clip models need the openclip extra: pip install 'vlm-steer[openclip]'") from None
+        raise ExtractError(
+            "open_clip models need the openclip extra: pip install 'vlm-steer[openclip]'"
+        ) from None
     if weights is None:
-        raise ExtractError(f"--weights: {model} needs a weights file (.safetensors, or a state dict .pt/.bin)")
+        raise ExtractError(
+            f"--weights: {model} needs a weights file (.safetensors, or a state dict .pt/.bin)"
+        )
     if name not in open_clip.list_models():
         raise ExtractError(f"--model: {name!r} is not an open_clip model name (see open_clip.list_models())")
     state = _open_clip_state(Path(weights))
