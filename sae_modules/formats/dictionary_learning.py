@@ -69,6 +69,15 @@ def _dims(
     return int(d_in), int(n_latents)
 
 
+def _layer(value: Any) -> int | None:
+    """The trainer's `layer`, when it is a layer index (the paper's training script writes "")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
 def load_dictionary_learning(directory: Path) -> SAE:
     weights_path = directory / WEIGHTS_FILE
     where = str(weights_path)
@@ -80,7 +89,8 @@ def load_dictionary_learning(directory: Path) -> SAE:
         d_in, n = _dims(trainer, state, "W_enc", 0)
         names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
         expected = {"W_enc": (d_in, n), "b_enc": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
-        expected["group_sizes"] = tuple(state["group_sizes"].shape) if "group_sizes" in state else (1,)
+        groups = state["group_sizes"].numel() if "group_sizes" in state else 0
+        expected["group_sizes"] = (groups,)  # a 1-D list of sizes; their sum is checked with the config
     else:
         d_in, n = _dims(trainer, state, "encoder.weight", 1)
         names = {
@@ -107,14 +117,14 @@ def load_dictionary_learning(directory: Path) -> SAE:
             f"{where}: threshold is {threshold}, the value before any was learned (training stopped before "
             "threshold_start_step), so this SAE has no inference threshold"
         )
-    source = {"model_id": trainer.get("lm_name"), "layer": trainer.get("layer")}
+    source = {"model_id": trainer.get("lm_name") or None, "layer": _layer(trainer.get("layer"))}
     fields: dict[str, Any] = {
         "architecture": "matryoshka_batchtopk" if matryoshka else "batchtopk",
         "d_in": d_in,
         "n_latents": n,
         "k": int(state["k"]),
         "threshold": threshold,
-        "source": {key: value for key, value in source.items() if value is not None},
+        "source": source,
     }
     if matryoshka:
         fields["group_sizes"] = [int(size) for size in state["group_sizes"].tolist()]
