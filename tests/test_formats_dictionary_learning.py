@@ -223,3 +223,8 @@ def test_pickled_code_is_not_executed(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(CheckpointError, match="could not be loaded as a plain tensor state dict"):
         load_sae(path)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_path_to_the_weights_file_itself(tmp_path: Path) -> None:
+    path = write_dl(tmp_path / "sae", batchtopk_state(), None)
+    assert load_sae(path / "ae.pt").cfg.architecture == "batchtopk"

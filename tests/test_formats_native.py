@@ -224,3 +224,11 @@ def test_hub_id_that_cannot_be_fetched(tmp_path: Path, monkeypatch: pytest.Monke
         load_sae("someone/missing")
     with pytest.raises(CheckpointError, match="nowhere does not exist"):
         load_sae(tmp_path / "nowhere")
+
+
+def test_config_the_module_rejects_is_a_checkpoint_error(ckpt: Path) -> None:
+    header = json.loads((ckpt / "cfg.json").read_text())
+    header["config"] |= {"architecture": "topk", "k": 2, "rescale_acts_by_decoder_norm": True}
+    (ckpt / "cfg.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match="rescale_acts_by_decoder_norm"):
+        load_sae(ckpt)

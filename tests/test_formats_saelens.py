@@ -338,3 +338,12 @@ def test_cli_reports_a_bad_checkpoint_without_a_traceback(tmp_path: Path) -> Non
     assert "Traceback" not in result.output
     assert not isinstance(result.exception, CheckpointError)
     assert not (tmp_path / "dst").exists()
+
+
+def test_cli_converts_a_foreign_checkpoint_to_ours(tmp_path: Path) -> None:
+    src = write_saelens(tmp_path / "src", CASES["jumprelu"], random_weights("jumprelu"))
+    result = CliRunner().invoke(cli(), ["--to", "native", str(src), str(tmp_path / "ours")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ours" / "sae.safetensors").is_file()
+    x = torch.randn(4, D_IN)
+    torch.testing.assert_close(load_sae(tmp_path / "ours").encode(x), load_sae(src).encode(x), atol=0, rtol=0)
