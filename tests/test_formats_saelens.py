@@ -179,6 +179,7 @@ def test_pre_6_config_with_topk_activation_and_finetuning_scale(tmp_path: Path) 
         ({"reshape_activations": "hook_z"}, "attention-head outputs"),
         ({"architecture": "batchtopk"}, "training checkpoint"),
         ({"architecture": "transcoder"}, "'transcoder' is not supported"),
+        ({"architecture": None}, "architecture None is not supported"),
         ({"d_sae": "many"}, "'d_sae' must be a positive integer"),
         ({"metadata": None, "sae_lens_version": "6.1.0"}, "no 'metadata' object"),
     ],
@@ -347,3 +348,9 @@ def test_cli_converts_a_foreign_checkpoint_to_ours(tmp_path: Path) -> None:
     assert (tmp_path / "ours" / "sae.safetensors").is_file()
     x = torch.randn(4, D_IN)
     torch.testing.assert_close(load_sae(tmp_path / "ours").encode(x), load_sae(src).encode(x), atol=0, rtol=0)
+
+
+def test_topk_without_k_uses_saelens_default(tmp_path: Path) -> None:
+    """TopKSAEConfig defaults k to 100, which this 20-latent SAE cannot hold."""
+    with pytest.raises(CheckpointError, match="k=100 exceeds n_latents=20"):
+        load_sae(write_saelens(tmp_path / "sae", saelens_cfg("topk"), random_weights("topk")))

@@ -93,6 +93,9 @@ def _normalise(raw: dict[str, Any], where: str) -> dict[str, Any]:
         cfg = dict(raw)
         if not isinstance(cfg.get("metadata"), dict):
             raise CheckpointError(f"{where}: SAELens >= 6 config has no 'metadata' object")
+    if cfg.get("architecture") == "topk":
+        cfg.setdefault("k", 100)  # TopKSAEConfig's defaults
+        cfg.setdefault("rescale_acts_by_decoder_norm", False)
     cfg.setdefault("apply_b_dec_to_input", True)
     cfg.setdefault("normalize_activations", "none")
     cfg.setdefault("reshape_activations", "none")
@@ -156,8 +159,8 @@ def _our_config(cfg: dict[str, Any], threshold: Tensor | None, where: str) -> SA
     if OUR_CONFIG_KEY in metadata:
         ours = parse_config(metadata[OUR_CONFIG_KEY], f"{where} (metadata.{OUR_CONFIG_KEY})")
         topk_matches = ours.architecture != "topk" or (ours.k, ours.rescale_acts_by_decoder_norm) == (
-            cfg.get("k"),
-            cfg.get("rescale_acts_by_decoder_norm", False),
+            cfg["k"],
+            cfg["rescale_acts_by_decoder_norm"],
         )
         threshold_matches = ours.threshold is None or (
             threshold is not None and torch.equal(threshold, torch.full_like(threshold, ours.threshold))
@@ -186,8 +189,7 @@ def _our_config(cfg: dict[str, Any], threshold: Tensor | None, where: str) -> SA
         },
     }
     if architecture == "topk":
-        fields["k"] = cfg.get("k")
-        fields["rescale_acts_by_decoder_norm"] = cfg.get("rescale_acts_by_decoder_norm", False)
+        fields["k"] = cfg["k"]
     return parse_config(fields, where)
 
 
@@ -214,7 +216,7 @@ def load_saelens(directory: Path) -> SAE:
         tensors["W_dec"] = tensors["W_dec"] * scale.to(torch.float32)[:, None]
     if architecture == "gated":
         tensors["b_enc"] = tensors.pop("b_gate")
-    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+    if architecture == "topk" and cfg["rescale_acts_by_decoder_norm"]:
         norms = tensors["W_dec"].norm(dim=1).clamp_min(1e-8)
         tensors["W_enc"], tensors["b_enc"] = tensors["W_enc"] * norms, tensors["b_enc"] * norms
         tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
