@@ -354,3 +354,11 @@ def test_topk_without_k_uses_saelens_default(tmp_path: Path) -> None:
     """TopKSAEConfig defaults k to 100, which this 20-latent SAE cannot hold."""
     with pytest.raises(CheckpointError, match="k=100 exceeds n_latents=20"):
         load_sae(write_saelens(tmp_path / "sae", saelens_cfg("topk"), random_weights("topk")))
+
+
+def test_cli_reports_an_unwritable_destination_without_a_traceback(tmp_path: Path) -> None:
+    src = write_saelens(tmp_path / "src", CASES["standard"], random_weights("standard"))
+    (tmp_path / "a-file").write_text("")
+    result = CliRunner().invoke(cli(), [str(src), str(tmp_path / "a-file" / "dst")])
+    assert result.exit_code == 1
+    assert "error: could not read" in result.stderr and "Traceback" not in result.output

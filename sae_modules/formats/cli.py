@@ -29,7 +29,7 @@ def export(
     subfolder: Annotated[str | None, typer.Option(help="Sub-folder of SRC holding the SAE.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing checkpoint at DST.")] = False,
 ) -> None:
-    """Write SRC to DST in the chosen layout; a bad checkpoint exits 2 with the reason."""
+    """Write SRC to DST in the chosen layout; a bad checkpoint exits 2, an I/O failure 1, with the reason."""
     try:
         if dst.exists() and not overwrite:
             raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
@@ -38,6 +38,9 @@ def export(
     except CheckpointError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"error: could not read {src} or write {dst}: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(
         f"wrote {sae.cfg.architecture} SAE ({sae.cfg.d_in} -> {sae.cfg.n_latents}) to {dst} as {to.value}"
     )
