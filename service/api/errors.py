@@ -88,11 +88,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [dict(e, loc=_leaf_field(tuple(e.get("loc", ())))) for e in exc.errors()]
-        if errors and errors[0].get("type") in ("json_invalid", "model_attributes_type", "dict_type") and len(
-            errors[0]["loc"]
-        ) <= 1:
-            return error_response(400, f"the request body must be a JSON object: {errors[0].get('msg')}")
-        return error_response(422, _validation_message(errors), field_path(errors[0]["loc"]) or None)
+        first = errors[0] if errors else {"type": "missing", "loc": (), "msg": "invalid request"}
+        if first["type"] == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+        if first["loc"] == ("body",):
+            return error_response(400, f"the request body must be a JSON object: {first['msg']}")
+        return error_response(422, _validation_message(errors), field_path(first["loc"]) or None)
 
     @app.exception_handler(InterventionError)
     async def _intervention(_: Request, exc: InterventionError) -> JSONResponse:
