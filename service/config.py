@@ -9,13 +9,28 @@ Env overrides use `__` for nesting: `VLM_STEER_LIMITS__MAX_TOKENS=128`,
 from __future__ import annotations
 
 import contextvars
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "VLM_STEER_CONFIG"
 """Env var naming the YAML settings file when none is passed explicitly (the container sets it)."""
@@ -127,11 +142,28 @@ class ServiceSettings(BaseSettings):
     )
     steerer: DeploymentSettings = Field(default_factory=DeploymentSettings)
     generator: DeploymentSettings = Field(default_factory=DeploymentSettings)
-    api_keys: list[SecretStr] = Field(
-        default_factory=list, description="Bearer tokens accepted; empty list turns authentication off."
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens accepted; empty turns authentication off. Env: comma-separated or a JSON list.",
     )
     route_prefix: str = "/"
     app_name: str = "vlm-steer"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        """`model: llava-hf/llava-1.5-7b-hf` means that checkpoint, served under the same name."""
+        return {"id": value, "path": value} if isinstance(value, str) else value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [key.strip() for key in text.split(",") if key.strip()]
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -180,11 +212,15 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_settings(path: str | Path | None = None, values: dict[str, Any] | None = None) -> ServiceSettings:
-    """Settings from `path` (default: $VLM_STEER_CONFIG if set), then `values`, then env overrides.
+    """Settings from `path` (default: $VLM_STEER_CONFIG if that file exists), then `values`, then env overrides.
 
     `values` are what a Ray Serve config's `args:` or the CLI pass; they rank with the file, below env.
     """
-    path = path or os.environ.get(CONFIG_ENV) or None
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+        if not Path(path).is_file():
+            log.warning("%s=%s does not exist; using defaults and env overrides", CONFIG_ENV, path)
+            path = None
     data = _deep_merge(read_yaml(path) if path else {}, values or {})
     token = _file_values.set(data)
     try:

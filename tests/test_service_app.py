@@ -333,3 +333,21 @@ def test_schemathesis_finds_no_server_errors(service) -> None:
 
         check()
     assert not failures
+
+
+def test_python_client(client, service) -> None:
+    from service.client import ServiceError, SteerClient
+
+    raw = client.post("/v1/steer", json=steer_body()).json()
+    with SteerClient(f"{service}/keyed", api_key=KEY) as steer_client:
+        assert steer_client.ready() and [s["id"] for s in steer_client.saes()] == ["a"]
+        answer = steer_client.steer(noise_image(0), PROMPT, [PIN], types=["STEERED", "DEFAULT"], max_tokens=8)
+        assert [o["text"] for o in answer["outputs"]] == [o["text"] for o in raw["outputs"]]
+        chat = steer_client.chat(encoded(noise_image(0)), PROMPT, steering={"interventions": [PIN]}, max_tokens=8)
+        assert chat["choices"][0]["message"]["content"] == raw["outputs"][0]["text"]
+        with pytest.raises(ServiceError) as caught:
+            steer_client.steer(noise_image(0), PROMPT, [{"latent": 10_000, "value": 1}])
+        assert (caught.value.status, caught.value.param) == (422, "interventions.0.latent")
+    with SteerClient(f"{service}/keyed", api_key="wrong") as wrong, pytest.raises(ServiceError) as caught:
+        wrong.saes()
+    assert caught.value.status == 401

@@ -39,7 +39,7 @@ def test_settings_env_overrides_file_and_builder_args(tmp_path, monkeypatch) -> 
     path = tmp_path / "config.yaml"
     path.write_text("limits: {max_tokens: 99, max_prompt_chars: 5}\nlayout: split\nsaes: {a: {path: /ckpt}}\n")
     monkeypatch.setenv("VLM_STEER_LIMITS__MAX_TOKENS", "7")
-    monkeypatch.setenv("VLM_STEER_API_KEYS", '["k1"]')
+    monkeypatch.setenv("VLM_STEER_API_KEYS", "k1, k2")
     settings = load_settings(path, {"batching": {"max_batch_size": 3}, "limits": {"max_interventions": 2}})
     assert settings.limits.max_tokens == 7
     assert settings.limits.max_prompt_chars == 5
@@ -47,8 +47,20 @@ def test_settings_env_overrides_file_and_builder_args(tmp_path, monkeypatch) -> 
     assert settings.batching.max_batch_size == 3
     assert settings.layout == "split"
     assert settings.saes["a"].path == "/ckpt"
-    assert [key.get_secret_value() for key in settings.api_keys] == ["k1"]
+    assert [key.get_secret_value() for key in settings.api_keys] == ["k1", "k2"]
     assert "k1" not in repr(settings)
+
+
+def test_settings_read_the_kubernetes_configmap_shape(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("model: llava-hf/llava-1.5-7b-hf\nsaes:\n  paper: {path: /data/saes/paper}\ndefault_sae: paper\n")
+    monkeypatch.setenv("VLM_STEER_CONFIG", str(path))
+    monkeypatch.setenv("VLM_STEER_API_KEYS", "")
+    settings = load_settings()
+    assert settings.model.path == settings.model.id == "llava-hf/llava-1.5-7b-hf"
+    assert settings.default_sae == "paper" and settings.api_keys == []
+    monkeypatch.setenv("VLM_STEER_CONFIG", str(tmp_path / "absent.yaml"))
+    assert load_settings().model.path is None
 
 
 def test_settings_reject_bad_files_and_fields(tmp_path) -> None:
