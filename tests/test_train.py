@@ -20,8 +20,7 @@ from train_fixtures import D_IN, sparse_activations, write_shards
 from typer.testing import CliRunner
 
 from sae_modules.activations.shards import read_manifest
-from sae_modules.saes import build_sae
-from sae_modules.saes.base import SAEConfig
+from sae_modules.formats import load_sae
 from sae_modules.train import TrainConfig, train_sae
 from sae_modules.train.cli import train
 from sae_modules.train.state import latest_checkpoint, load_checkpoint
@@ -38,20 +37,26 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _config(shards: Path, out: Path, **changes) -> TrainConfig:
-    base = dict(
-        shards=shards, out=out, architecture="batchtopk", n_latents=32, k=2, batch_size=64, steps=30,
-        lr=2e-2, warmup_steps=5, buffer_mb=2 * 256 * D_IN * 4 / 2**20, checkpoint_every=8, log_every=1,
-        dead_window=2000, threshold_decay=0.9, threads=1, progress=False,
-    )
+    base = {
+        "shards": shards,
+        "out": out,
+        "architecture": "batchtopk",
+        "n_latents": 32,
+        "k": 2,
+        "batch_size": 64,
+        "steps": 30,
+        "lr": 2e-2,
+        "warmup_steps": 5,
+        "buffer_mb": 2 * 256 * D_IN * 4 / 2**20,
+        "checkpoint_every": 8,
+        "log_every": 1,
+        "dead_window": 2000,
+        "threshold_decay": 0.9,
+        "threads": 1,
+        "progress": False,
+    }
     base.update(changes)
     return TrainConfig(**base)
-
-
-def _load(directory: Path):
-    cfg = SAEConfig.model_validate_json((directory / "cfg.json").read_text())
-    sae = build_sae(cfg)
-    sae.load_state_dict(load_file(directory / "sae.safetensors"))
-    return sae.eval()
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +70,7 @@ def uninterrupted(shards, tmp_path_factory) -> Path:
 
 def test_learns_a_low_fvu_sae_that_takes_raw_activations(shards, tmp_path):
     final = train_sae(_config(shards, tmp_path, steps=200, checkpoint_every=200, log_every=50))
-    sae = _load(final)
+    sae = load_sae(final).eval()
     held = torch.cat([load_file(shards / e.file)["activations"] for e in read_manifest(shards).shards[-1:]])
     with torch.no_grad():
         f = sae.encode(held)
@@ -109,7 +114,9 @@ def test_checkpoints_are_pruned_and_hold_the_full_state(uninterrupted):
     assert (ckpt.state.epoch, ckpt.state.epoch_offset) == divmod(30 * 64, 5 * 256)
     moments = ckpt.optimizer_state["state"]
     shapes = sorted(tuple(m["exp_avg_sq"].shape) for m in moments.values())
-    assert shapes == sorted([(D_IN, 32), (32, D_IN), (32,), (D_IN,)]) and all(m["step"] == 30 for m in moments.values())
+    assert shapes == sorted([(D_IN, 32), (32, D_IN), (32,), (D_IN,)]) and all(
+        m["step"] == 30 for m in moments.values()
+    )
     assert ckpt.sae_cfg.threshold is not None
     # the exported SAE of the last checkpoint is the final SAE minus the held-out metrics
     for name, value in _weights(root / "step-00000030" / "sae").items():
@@ -127,12 +134,16 @@ def test_resume_after_an_exception_equals_the_uninterrupted_run(shards, tmp_path
     with pytest.raises(Stop):
         train_sae(_config(shards, tmp_path), on_step=stop_at_13)
     assert load_checkpoint(latest_checkpoint(tmp_path)).state.step == 8
+    with (tmp_path / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 14, "lo')  # as if killed mid-line
     final = train_sae(_config(shards, tmp_path, resume=True))
     expected = _weights(uninterrupted)
     for name, value in _weights(final).items():
         assert torch.equal(value, expected[name]), name
     assert (final / "cfg.json").read_text() == (uninterrupted / "cfg.json").read_text()
-    assert (tmp_path / "train_log.jsonl").read_text() == (uninterrupted.parent / "train_log.jsonl").read_text()
+    assert (tmp_path / "train_log.jsonl").read_text() == (
+        uninterrupted.parent / "train_log.jsonl"
+    ).read_text()
 
 
 _CHILD = """
@@ -147,9 +158,13 @@ train_sae(config, on_step=lambda record: time.sleep(0.05))
 def test_a_sigkilled_job_resumes_to_the_same_weights(shards, tmp_path, uninterrupted):
     config = _config(shards, tmp_path / "run")
     (tmp_path / "config.json").write_text(config.model_dump_json())
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "config.json")], cwd=Path(__file__).parents[1])
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(tmp_path / "config.json")], cwd=Path(__file__).parents[1]
+    )
     deadline = time.monotonic() + 120
-    while latest_checkpoint(tmp_path / "run") is None and child.poll() is None and time.monotonic() < deadline:
+    while (
+        latest_checkpoint(tmp_path / "run") is None and child.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
@@ -160,7 +175,9 @@ def test_a_sigkilled_job_resumes_to_the_same_weights(shards, tmp_path, uninterru
     expected = _weights(uninterrupted)
     for name, value in _weights(final).items():
         assert torch.equal(value, expected[name]), name
-    assert (final.parent / "train_log.jsonl").read_text() == (uninterrupted.parent / "train_log.jsonl").read_text()
+    assert (final.parent / "train_log.jsonl").read_text() == (
+        uninterrupted.parent / "train_log.jsonl"
+    ).read_text()
 
 
 def _cli(args: list[str]):
@@ -174,12 +191,16 @@ def test_cli_trains_from_yaml_with_flag_overrides(shards, tmp_path):
         f"shards: {shards}\nout: {tmp_path / 'run'}\narchitecture: matryoshka_batchtopk\nn_latents: 32\nk: 2\nthreads: 1\n"
         "group_fractions: [0.25, 0.75]\nbatch_size: 64\nsteps: 500\nwarmup_steps: 2\n"
     )
-    result = _cli(["--config", str(tmp_path / "train.yaml"), "--steps", "6", "--no-progress", "--holdout", "0.1"])
+    result = _cli(
+        ["--config", str(tmp_path / "train.yaml"), "--steps", "6", "--no-progress", "--holdout", "0.1"]
+    )
     assert result.exit_code == 0, result.output
-    cfg = json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())
+    cfg = load_sae(tmp_path / "run" / "sae").cfg.model_dump()
     assert cfg["architecture"] == "matryoshka_batchtopk" and cfg["group_sizes"] == [8, 24]
     assert cfg["metrics"]["n_vectors"] == round(0.1 * 6 * 256)
-    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 1  # step 6 only (log_every 10)
+    assert (
+        len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 1
+    )  # step 6 only (log_every 10)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +215,18 @@ def test_cli_trains_from_yaml_with_flag_overrides(shards, tmp_path):
     ],
 )
 def test_bad_settings_exit_with_a_message_naming_the_field(shards, tmp_path, args, message):
-    base = ["--shards", str(shards), "--out", str(tmp_path / "run"), "--n-latents", "32", "--k", "2", "--steps", "2"]
+    base = [
+        "--shards",
+        str(shards),
+        "--out",
+        str(tmp_path / "run"),
+        "--n-latents",
+        "32",
+        "--k",
+        "2",
+        "--steps",
+        "2",
+    ]
     result = _cli(base + args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
@@ -207,3 +239,6 @@ def test_existing_run_needs_resume_and_matching_settings(shards, tmp_path, unint
     assert result.exit_code == 2 and "--resume" in result.output
     result = _cli(["--config", str(tmp_path / "same.yaml"), "--resume", "--lr", "0.1"])
     assert result.exit_code == 2 and "different settings (lr)" in result.output
+    write_shards(tmp_path / "other", sparse_activations(6 * 256, seed=1), shard_size=256)
+    result = _cli(["--config", str(tmp_path / "same.yaml"), "--resume", "--shards", str(tmp_path / "other")])
+    assert result.exit_code == 2 and "different settings (the activations in shards)" in result.output

@@ -30,7 +30,9 @@ def write_shards(directory: Path, acts: torch.Tensor, shard_size: int, layer: in
     """Write `acts` as a complete shard directory (one 'image' per 4 vectors)."""
     n = len(acts)
     images = [f"img{i}.png" for i in range((n + 3) // 4)]
-    manifest = ShardManifest(model="tiny/clip", layer=layer, tokens="random:4", d_in=acts.shape[1], images=images)
+    manifest = ShardManifest(
+        model="tiny/clip", layer=layer, tokens="random:4", d_in=acts.shape[1], images=images
+    )
     writer = ShardWriter(directory, manifest, shard_size=shard_size)
     writer.add(acts, torch.arange(n) // 4, torch.arange(n) % 4)
     return writer.finish()

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from sae_modules.activations.shards import ShardError
+from sae_modules.formats import CheckpointError
+from sae_modules.formats.native import CFG_FILE, read_json
 from sae_modules.saes.base import SAEConfigError
 from sae_modules.train.config import TrainConfigError, load_train_config
-from sae_modules.train.state import CheckpointError
 
 _USER_ERRORS: tuple[type[Exception], ...] = (TrainConfigError, ShardError, CheckpointError, SAEConfigError)
+"""Failures the user can fix; anything else is a bug and keeps its traceback."""
 
 
 def _fractions(text: str | None) -> list[float] | None:
@@ -22,40 +23,62 @@ def _fractions(text: str | None) -> list[float] | None:
     try:
         return [float(part) for part in text.split(",")]
     except ValueError:
-        raise TrainConfigError(f"group_fractions: {text!r} is not a comma-separated list of numbers") from None
+        raise TrainConfigError(
+            f"group_fractions: {text!r} is not a comma-separated list of numbers"
+        ) from None
 
 
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of settings.")] = None,
-    shards: Annotated[Optional[Path], typer.Option(help="Activation shard directory.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (checkpoints, log, final sae/).")] = None,
-    architecture: Annotated[Optional[str], typer.Option(help="relu | topk | batchtopk | matryoshka_batchtopk")] = None,
-    n_latents: Annotated[Optional[int], typer.Option(help="Dictionary size (default expansion × d_in).")] = None,
-    expansion: Annotated[Optional[float], typer.Option(help="n_latents as a multiple of d_in.")] = None,
-    k: Annotated[Optional[int], typer.Option(help="Active latents per sample (TopK family).")] = None,
-    group_fractions: Annotated[Optional[str], typer.Option(help="Matryoshka groups, e.g. 0.0625,0.1875,0.75.")] = None,
-    l1_coeff: Annotated[Optional[float], typer.Option(help="ReLU SAE sparsity penalty.")] = None,
-    auxk_alpha: Annotated[Optional[float], typer.Option(help="AuxK loss weight.")] = None,
-    dead_window: Annotated[Optional[int], typer.Option(help="Samples without firing before a latent is dead.")] = None,
-    d_in: Annotated[Optional[int], typer.Option(help="Expected activation width (checked).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Vectors per optimizer step (over all workers).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the training shards (if no --steps).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate.")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps.")] = None,
-    decay: Annotated[Optional[str], typer.Option(help="cosine | linear | constant")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Max gradient norm.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seeds initialisation and the data order.")] = None,
-    buffer_mb: Annotated[Optional[float], typer.Option(help="Shuffle buffer size in MiB.")] = None,
-    holdout: Annotated[Optional[float], typer.Option(help="Held-out fraction of vectors for the final evaluation.")] = None,
-    holdout_shards: Annotated[Optional[int], typer.Option(help="Held-out last shards (if no --holdout).")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
-    log_every: Annotated[Optional[int], typer.Option(help="Steps between log lines.")] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray Train data-parallel workers (1 = in-process).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ...")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads per process.")] = None,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file of settings.")] = None,
+    shards: Annotated[Path | None, typer.Option(help="Activation shard directory.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (checkpoints, log, final sae/).")] = None,
+    architecture: Annotated[
+        str | None, typer.Option(help="relu | topk | batchtopk | matryoshka_batchtopk")
+    ] = None,
+    n_latents: Annotated[int | None, typer.Option(help="Dictionary size (default expansion × d_in).")] = None,
+    expansion: Annotated[float | None, typer.Option(help="n_latents as a multiple of d_in.")] = None,
+    k: Annotated[int | None, typer.Option(help="Active latents per sample (TopK family).")] = None,
+    group_fractions: Annotated[
+        str | None, typer.Option(help="Matryoshka groups, e.g. 0.0625,0.1875,0.75.")
+    ] = None,
+    l1_coeff: Annotated[float | None, typer.Option(help="ReLU SAE sparsity penalty.")] = None,
+    auxk_alpha: Annotated[float | None, typer.Option(help="AuxK loss weight.")] = None,
+    dead_window: Annotated[
+        int | None, typer.Option(help="Samples without firing before a latent is dead.")
+    ] = None,
+    d_in: Annotated[int | None, typer.Option(help="Expected activation width (checked).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Vectors per optimizer step (over all workers).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Passes over the training shards (if no --steps).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak Adam learning rate.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
+    decay: Annotated[str | None, typer.Option(help="cosine | linear | constant")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seeds initialisation and the data order.")] = None,
+    buffer_mb: Annotated[float | None, typer.Option(help="Shuffle buffer size in MiB.")] = None,
+    holdout: Annotated[
+        float | None, typer.Option(help="Held-out fraction of vectors for the final evaluation.")
+    ] = None,
+    holdout_shards: Annotated[
+        int | None, typer.Option(help="Held-out last shards (if no --holdout).")
+    ] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray Train data-parallel workers (1 = in-process).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ...")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="Show a progress bar.")
+    ] = None,
 ) -> None:
     """Train an SAE on activation shards; writes OUT/sae (cfg.json + sae.safetensors) and OUT/train_log.jsonl."""
     overrides = {k: v for k, v in locals().items() if k != "config"}
@@ -68,7 +91,7 @@ def train(
     except _USER_ERRORS as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    metrics = json.loads((final / "cfg.json").read_text()).get("metrics", {})
+    metrics = read_json(final / CFG_FILE)["config"].get("metrics", {})
     typer.echo(f"SAE written to {final}")
     if metrics:
         typer.echo("held-out: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

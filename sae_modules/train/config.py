@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from sae_modules.saes.base import Architecture
 
@@ -19,8 +27,23 @@ class TrainConfigError(ValueError):
     """A training setting (YAML, flag or shard directory) that cannot work; the message names the field."""
 
 
-#: Settings that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = frozenset({"resume", "workers", "progress", "log_every", "checkpoint_every", "keep_checkpoints"})
+#: Settings a resumed run may change. Paths may move (the data is checked by content instead);
+#: a different device, thread count or worker count continues the run but is not bit-identical.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "shards",
+        "out",
+        "resume",
+        "workers",
+        "device",
+        "threads",
+        "progress",
+        "verify_shards",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+    }
+)
 
 
 class TrainConfig(BaseModel):
@@ -41,26 +64,41 @@ class TrainConfig(BaseModel):
     l1_coeff: float | None = Field(None, ge=0, description="ReLU SAE sparsity penalty.")
     auxk_alpha: float | None = Field(None, ge=0)
     auxk_k: PositiveInt | None = None
-    dead_window: PositiveInt | None = Field(None, description="Samples without firing after which a latent is dead.")
+    dead_window: PositiveInt | None = Field(
+        None, description="Samples without firing after which a latent is dead."
+    )
     threshold_decay: float | None = Field(None, gt=0, lt=1)
-    d_in: PositiveInt | None = Field(None, description="Expected activation width; checked against the manifest.")
+    d_in: PositiveInt | None = Field(
+        None, description="Expected activation width; checked against the manifest."
+    )
 
     batch_size: PositiveInt = 4096
     steps: PositiveInt | None = Field(None, description="Optimizer steps; default from `epochs`.")
-    epochs: PositiveFloat | None = Field(None, description="Passes over the training shards when `steps` is unset.")
+    epochs: PositiveFloat | None = Field(
+        None, description="Passes over the training shards when `steps` is unset."
+    )
     lr: PositiveFloat = 2e-4
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(1000, ge=0, description="Linear warm-up from 0 to `lr`.")
     decay: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Learning rate at the last step, as a fraction of `lr`.")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Learning rate at the last step, as a fraction of `lr`."
+    )
     grad_clip: PositiveFloat | None = Field(1.0, description="Max gradient norm; null disables clipping.")
     seed: int = 0
 
-    buffer_mb: PositiveFloat = Field(1024, description="Shuffle buffer: shards mixed together, in MiB of float32.")
+    buffer_mb: PositiveFloat = Field(
+        1024, description="Shuffle buffer: shards mixed together, in MiB of float32."
+    )
     scale_batches: PositiveInt = Field(10, description="Batches used to estimate the input scale.")
-    holdout_shards: int = Field(1, ge=0, description="Last shards (manifest order) kept for the final evaluation.")
+    holdout_shards: int = Field(
+        1, ge=0, description="Last shards (manifest order) kept for the final evaluation."
+    )
     holdout: float | None = Field(
-        None, gt=0, lt=1, description="Held-out fraction of vectors (taken from the end); overrides holdout_shards."
+        None,
+        gt=0,
+        lt=1,
+        description="Held-out fraction of vectors (taken from the end); overrides holdout_shards.",
     )
     verify_shards: bool = Field(True, description="Check each shard's sha256 the first time it is read.")
 

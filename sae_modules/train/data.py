@@ -54,7 +54,7 @@ def split_holdout(
             remaining -= piece.count
     else:
         split = len(pieces) - holdout_shards
-        train, held = pieces[:max(split, 0)], pieces[max(split, 0):]
+        train, held = pieces[: max(split, 0)], pieces[max(split, 0) :]
     if not train:
         raise ShardError(
             f"no training vectors left: the manifest has {len(pieces)} non-empty shard(s) and "

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import RunConfig, ScalingConfig
+from ray.train import RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from sae_modules.train.config import TrainConfig
@@ -31,7 +31,9 @@ def train_with_ray(config: TrainConfig) -> Path:
     if not ray.is_initialized():
         ray.init()
     out = config.out.resolve()
-    worker_config = config.model_copy(update={"shards": config.shards.resolve(), "out": out, "progress": False})
+    worker_config = config.model_copy(
+        update={"shards": config.shards.resolve(), "out": out, "progress": False}
+    )
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": worker_config.model_dump(mode="json")},
@@ -40,6 +42,6 @@ def train_with_ray(config: TrainConfig) -> Path:
     )
     try:
         trainer.fit()
-    except Exception as err:
+    except TrainingFailedError as err:
         raise RayTrainingError(f"Ray Train run failed: {err}") from None
     return out / FINAL_SAE

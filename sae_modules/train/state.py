@@ -11,7 +11,6 @@ optimizer hyper-parameters) and `sae/`, the SAE as users load it (input scale fo
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -24,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sae_modules.activations.shards import _write_atomic
+from sae_modules.formats import CheckpointError
+from sae_modules.formats.atomic import write_checkpoint_dir
 from sae_modules.saes.base import SAEConfig
 from sae_modules.train.config import TrainConfig
 
@@ -31,12 +32,9 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+SAE_DIR = "sae"
 STATE_FORMAT = "vlm-steer-train-state/1"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A training checkpoint is missing, incomplete or from a different run."""
 
 
 @dataclass
@@ -61,6 +59,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any]
     state: TrainingState
     rng_state: Tensor
+    data_fingerprint: str
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -107,48 +106,48 @@ def save_checkpoint(
     sae_state: dict[str, Tensor],
     optimizer_state: dict[str, Any],
     state: TrainingState,
+    data_fingerprint: str,
     export_sae: Callable[[Path], None],
 ) -> Path:
     """Write one checkpoint folder, point `latest` at it, and prune older ones."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:08d}"
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
     tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae_state.items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
     tensors["dead.samples_since_fired"] = state.samples_since_fired.cpu()
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, tmp / STATE_TENSORS)
     meta = {
         "format": STATE_FORMAT,
         "step": state.step,
         "epoch": state.epoch,
         "epoch_offset": state.epoch_offset,
         "input_scale": state.input_scale,
+        "data_fingerprint": data_fingerprint,
         "sae_cfg": sae_cfg.model_dump(mode="json"),
         "config": config.model_dump(mode="json"),
         "optimizer": opt_meta,
     }
-    _write_atomic(tmp / STATE_JSON, json.dumps(meta, indent=1).encode())
-    export_sae(tmp / "sae")
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def fill(staging: Path) -> None:
+        save_file(tensors, staging / STATE_TENSORS)
+        (staging / STATE_JSON).write_text(json.dumps(meta, indent=1))
+        export_sae(staging / SAE_DIR)
+
+    shutil.rmtree(root / name, ignore_errors=True)  # a newer-than-latest leftover of a killed run
+    write_checkpoint_dir(root / name, fill)
     _write_atomic(root / LATEST, name.encode())
     _prune(root, keep=config.keep_checkpoints, newest=state.step)
-    return final
+    return root / name
 
 
 def _prune(root: Path, keep: int, newest: int) -> None:
-    """Drop all but the `keep` newest checkpoints up to `newest`, and any abandoned temp folders."""
+    """Drop all but the `keep` newest checkpoints up to `newest`, and folders a killed write left."""
     steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
     kept = [s for s in steps if s <= newest][-keep:]
     for step in set(steps) - set(kept):
         shutil.rmtree(root / f"step-{step:08d}", ignore_errors=True)
-    for leftover in root.glob(".tmp-*"):
+    for leftover in root.glob(".step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -175,4 +174,5 @@ def load_checkpoint(path: Path) -> Checkpoint:
             epoch_offset=meta["epoch_offset"],
         ),
         rng_state=tensors["rng.torch"],
+        data_fingerprint=meta["data_fingerprint"],
     )

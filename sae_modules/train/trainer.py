@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -24,13 +25,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae_modules.activations.shards import ShardError, ShardManifest, read_manifest
+from sae_modules.formats import CheckpointError, save_sae
+from sae_modules.metrics import ReconstructionMetrics
 from sae_modules.saes import ARCHITECTURES, build_sae, group_sizes_from_fractions
 from sae_modules.saes.base import SAE, SAEConfig, SAEOutput, SourceInfo, fire_counts
 from sae_modules.train.config import TrainConfig, TrainConfigError, describe_validation_error
 from sae_modules.train.data import Piece, ShardReader, ShardStream, split_holdout
 from sae_modules.train.state import (
     Checkpoint,
-    CheckpointError,
     TrainingState,
     latest_checkpoint,
     load_checkpoint,
@@ -103,20 +105,32 @@ def plan_run(config: TrainConfig) -> Plan:
         raise TrainConfigError(f"shards: {config.shards} is not a directory")
     manifest = read_manifest(config.shards)
     if not manifest.complete:
-        raise ShardError(f"{config.shards} is an incomplete extraction (rerun `vlm-steer extract` to finish it)")
+        raise ShardError(
+            f"{config.shards} is an incomplete extraction (rerun `vlm-steer extract` to finish it)"
+        )
     if config.d_in is not None and config.d_in != manifest.d_in:
-        raise TrainConfigError(f"d_in: the config says {config.d_in}, the shards in {config.shards} have {manifest.d_in}")
+        raise TrainConfigError(
+            f"d_in: the config says {config.d_in}, the shards in {config.shards} have {manifest.d_in}"
+        )
     if config.batch_size % config.workers:
-        raise TrainConfigError(f"batch_size: {config.batch_size} does not split evenly over {config.workers} workers")
+        raise TrainConfigError(
+            f"batch_size: {config.batch_size} does not split evenly over {config.workers} workers"
+        )
     train_pieces, holdout_pieces = split_holdout(manifest, config.holdout_shards, config.holdout)
     sae_cfg = _sae_config(config, manifest)
     n_train = sum(p.count for p in train_pieces)
     total_steps = config.steps or max(1, math.ceil((config.epochs or 1.0) * n_train / config.batch_size))
-    checkpoint = _checkpoint_to_resume(config)
+    checkpoint = _checkpoint_to_resume(config, data_fingerprint(manifest))
     return Plan(config, manifest, train_pieces, holdout_pieces, sae_cfg, total_steps, checkpoint)
 
 
-def _checkpoint_to_resume(config: TrainConfig) -> Checkpoint | None:
+def data_fingerprint(manifest: ShardManifest) -> str:
+    """Identifies the activations themselves (not where they are), so a moved shard directory resumes."""
+    content = [manifest.d_in, manifest.dtype, [(e.file, e.count, e.sha256) for e in manifest.shards]]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+
+
+def _checkpoint_to_resume(config: TrainConfig, fingerprint: str) -> Checkpoint | None:
     found = latest_checkpoint(config.out)
     if found is None:
         return None
@@ -126,6 +140,8 @@ def _checkpoint_to_resume(config: TrainConfig) -> Checkpoint | None:
         )
     checkpoint = load_checkpoint(found)
     changed = config.differences(checkpoint.config)
+    if checkpoint.data_fingerprint != fingerprint:
+        changed.insert(0, "the activations in shards")
     if changed:
         raise CheckpointError(
             f"cannot resume {found}: it was trained with different settings ({', '.join(changed)})"
@@ -168,41 +184,21 @@ def _all_reduce(t: Tensor) -> Tensor:
     return t
 
 
-def folded_sae(sae: SAE, input_scale: float, metrics: dict[str, float] | None = None) -> SAE:
-    """A copy that takes raw activations (scale folded in), in inference mode, with `metrics`."""
+def folded_sae(sae: SAE, input_scale: float) -> SAE:
+    """A CPU copy in inference mode that takes raw activations (the input scale folded in)."""
     folded = copy.deepcopy(sae).cpu().eval()
     folded.fold_input_scale(input_scale)
-    if metrics is not None:
-        folded.cfg = folded.cfg.model_copy(update={"metrics": metrics})
     return folded
-
-
-def write_sae(sae: SAE, directory: Path) -> None:
-    """The one place the trainer writes a user-facing SAE checkpoint."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, directory / "sae.safetensors")
-    (directory / "cfg.json").write_text(sae.cfg.model_dump_json(indent=1))
 
 
 @torch.no_grad()
 def evaluate_sae(sae: SAE, batches: Iterator[Tensor]) -> dict[str, float]:
     """Held-out reconstruction and sparsity of an inference-mode SAE on raw activations."""
-    sse = total_sq = n = l0 = 0.0
-    sum_x = None
-    fired = torch.zeros(sae.n_latents, dtype=torch.int64)
+    metrics = ReconstructionMetrics(sae.n_latents)
     for x in batches:
         f = sae.encode(x)
-        sse += float((x - sae.decode(f)).double().pow(2).sum())
-        total_sq += float(x.double().pow(2).sum())
-        sum_x = x.double().sum(0) + (0 if sum_x is None else sum_x)
-        n += len(x)
-        fc = fire_counts(f)
-        l0 += float(fc.sum())
-        fired += fc
-    variance = total_sq - float(sum_x.pow(2).sum()) / n
-    return {"fvu": sse / variance, "l0": l0 / n, "dead_fraction": float((fired == 0).double().mean()), "n_vectors": n}
+        metrics.update(x, sae.decode(f), f)
+    return metrics.compute()
 
 
 @torch.no_grad()
@@ -218,7 +214,13 @@ def _sync_buffers(sae: SAE) -> None:
 
 @torch.no_grad()
 def _record(
-    state: TrainingState, stream: ShardStream, config: TrainConfig, lr: float, x: Tensor, out: SAEOutput, window: int
+    state: TrainingState,
+    stream: ShardStream,
+    config: TrainConfig,
+    lr: float,
+    x: Tensor,
+    out: SAEOutput,
+    window: int,
 ) -> StepRecord:
     """Batch-level figures summed over ranks: FVU about the global batch mean, mean L0, loss terms."""
     names = sorted(out.losses)
@@ -256,11 +258,33 @@ def _rewrite_log(path: Path, upto_step: int) -> None:
     """Keep only rows up to the resumed step, so a resumed log reads like an uninterrupted one."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= upto_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= upto_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # the half-written last line of a killed run
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+
+
+def _start_or_restore(
+    plan: Plan, sae: SAE, optimizer: torch.optim.Optimizer, stream: ShardStream, device: torch.device
+) -> TrainingState:
+    """Load the checkpoint into `sae` and `optimizer`, or measure the input scale for a fresh run."""
+    if plan.checkpoint is None:
+        scale = estimate_input_scale(stream.batches(0), plan.config.scale_batches)
+        zeros = torch.zeros(plan.sae_cfg.n_latents, dtype=torch.int64, device=device)
+        return TrainingState(step=0, input_scale=scale, samples_since_fired=zeros, epoch=0, epoch_offset=0)
+    sae.load_state_dict(plan.checkpoint.sae_state)
+    sae.cfg = plan.checkpoint.sae_cfg
+    optimizer.load_state_dict(plan.checkpoint.optimizer_state)
+    torch.set_rng_state(plan.checkpoint.rng_state)
+    state = plan.checkpoint.state
+    state.samples_since_fired = state.samples_since_fired.to(device)
+    return state
 
 
 def run_training(config: TrainConfig, on_step: Callable[[StepRecord], None] | None = None) -> Path:
@@ -277,17 +301,7 @@ def run_training(config: TrainConfig, on_step: Callable[[StepRecord], None] | No
     torch.manual_seed(config.seed)
     sae = build_sae(plan.sae_cfg).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas)
-    if plan.checkpoint is not None:
-        sae.load_state_dict(plan.checkpoint.sae_state)
-        sae.cfg = plan.checkpoint.sae_cfg
-        optimizer.load_state_dict(plan.checkpoint.optimizer_state)
-        torch.set_rng_state(plan.checkpoint.rng_state)
-        state = plan.checkpoint.state
-        state.samples_since_fired = state.samples_since_fired.to(device)
-    else:
-        scale = estimate_input_scale(stream.batches(0), config.scale_batches)
-        zeros = torch.zeros(plan.sae_cfg.n_latents, dtype=torch.int64, device=device)
-        state = TrainingState(step=0, input_scale=scale, samples_since_fired=zeros, epoch=0, epoch_offset=0)
+    state = _start_or_restore(plan, sae, optimizer, stream, device)
     model = torch.nn.parallel.DistributedDataParallel(sae) if world > 1 else sae
 
     config.out.mkdir(parents=True, exist_ok=True)
@@ -304,11 +318,15 @@ def run_training(config: TrainConfig, on_step: Callable[[StepRecord], None] | No
             sae_state=sae.state_dict(),
             optimizer_state=optimizer.state_dict(),
             state=state,
-            export_sae=lambda d: write_sae(folded_sae(sae, state.input_scale), d),
+            data_fingerprint=data_fingerprint(plan.manifest),
+            export_sae=lambda d: save_sae(folded_sae(sae, state.input_scale), d),
         )
 
     local = config.batch_size // world
-    bar = tqdm(total=plan.total_steps, initial=state.step, disable=not (config.progress and rank == 0), unit="step")
+    dead_window = plan.sae_cfg.dead_window
+    bar = tqdm(
+        total=plan.total_steps, initial=state.step, disable=not (config.progress and rank == 0), unit="step"
+    )
     batches = stream.batches(state.step)
     with log_path.open("a") if rank == 0 else contextlib.nullcontext() as log:
         while state.step < plan.total_steps:
@@ -316,7 +334,7 @@ def run_training(config: TrainConfig, on_step: Callable[[StepRecord], None] | No
             lr = lr_at(state.step, plan.total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            dead_mask = state.samples_since_fired >= sae.cfg.dead_window
+            dead_mask = state.samples_since_fired >= dead_window
             out = model(x, dead_mask)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -334,7 +352,7 @@ def run_training(config: TrainConfig, on_step: Callable[[StepRecord], None] | No
             bar.update(1)
 
             if state.step % config.log_every == 0 or state.step == plan.total_steps:
-                record = _record(state, stream, config, lr, x, out, sae.cfg.dead_window)
+                record = _record(state, stream, config, lr, x, out, dead_window)
                 if rank == 0:
                     log.write(json.dumps(record.as_json()) + "\n")
                     log.flush()
@@ -347,7 +365,8 @@ def run_training(config: TrainConfig, on_step: Callable[[StepRecord], None] | No
     final = config.out / FINAL_SAE
     if rank == 0:
         folded = folded_sae(sae, state.input_scale)
-        holdout = reader.batches(plan.holdout_pieces, config.batch_size)
-        metrics = evaluate_sae(folded, holdout) if plan.holdout_pieces else {}
-        write_sae(folded_sae(sae, state.input_scale, metrics), final)
+        if plan.holdout_pieces:
+            metrics = evaluate_sae(folded, reader.batches(plan.holdout_pieces, config.batch_size))
+            folded.cfg = folded.cfg.model_copy(update={"metrics": metrics})
+        save_sae(folded, final)
     return final
