@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_modules import CheckpointError, SAEConfig, load_sae, save_sae
-from sae_modules.formats import native
+from sae_modules.formats import atomic, native
 from sae_modules.formats.atomic import sha256_file
 from sae_modules.saes import build_sae
 
@@ -232,3 +232,22 @@ def test_config_the_module_rejects_is_a_checkpoint_error(ckpt: Path) -> None:
     (ckpt / "cfg.json").write_text(json.dumps(header))
     with pytest.raises(CheckpointError, match="rescale_acts_by_decoder_norm"):
         load_sae(ckpt)
+
+
+def test_failed_swap_puts_the_old_checkpoint_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the new directory cannot be moved in after the old one was moved aside, the old one returns."""
+    old = random_sae("relu", seed=1)
+    save_sae(old, tmp_path / "ckpt")
+    real_rename = atomic.os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("simulated crash while swapping")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_sae(random_sae("topk", seed=2), tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert load_sae(tmp_path / "ckpt").cfg == old.cfg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

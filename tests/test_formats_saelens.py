@@ -362,3 +362,14 @@ def test_cli_reports_an_unwritable_destination_without_a_traceback(tmp_path: Pat
     result = CliRunner().invoke(cli(), [str(src), str(tmp_path / "a-file" / "dst")])
     assert result.exit_code == 1
     assert "error: could not read" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "gated"])
+def test_input_scale_folds_into_the_inference_only_saes(architecture: str) -> None:
+    """An SAE for x / s, folded, takes raw x: both are positively homogeneous once biases and
+    thresholds scale with the input."""
+    sae = our_sae(architecture)
+    x, scale = torch.randn(7, D_IN), 3.5
+    expected = sae.encode(x / scale) * scale
+    sae.fold_input_scale(scale)
+    torch.testing.assert_close(sae.encode(x), expected, atol=ATOL, rtol=1e-5)

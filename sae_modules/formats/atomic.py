@@ -59,19 +59,19 @@ def write_checkpoint_dir(target: Path, fill: Callable[[Path], None]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     staging = target.parent / f".{target.name}.tmp-{tag}"
+    retired = target.parent / f".{target.name}.old-{tag}"
     staging.mkdir()
     try:
         fill(staging)
         for file in staging.iterdir():
             _fsync(file)
         if target.exists():
-            retired = target.parent / f".{target.name}.old-{tag}"
             os.rename(target, retired)
-            os.rename(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.rename(staging, target)
+        os.rename(staging, target)
         _fsync(target.parent)
     except BaseException:
+        if retired.exists() and not target.exists():
+            os.rename(retired, target)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    shutil.rmtree(retired, ignore_errors=True)
