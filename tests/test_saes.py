@@ -1,0 +1,281 @@
+"""SAE variants: planted-structure recovery, exact sparse gradients, threshold inference, folding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from sae_modules.saes import (
+    SAE,
+    BatchTopKSAE,
+    SAEConfig,
+    SAEConfigError,
+    SAEInputError,
+    build_sae,
+    fire_counts,
+    group_sizes_from_fractions,
+)
+from sae_modules.saes.sparse_ops import batch_topk_selection
+
+D_IN, N_TRUE, N_LATENTS, K_TRUE = 32, 48, 96, 3
+TOPK_FAMILY = ["topk", "batchtopk", "matryoshka_batchtopk"]
+ALL = ["relu", *TOPK_FAMILY]
+
+
+def make_cfg(arch: str, **extra) -> SAEConfig:
+    fields = {"architecture": arch, "d_in": D_IN, "n_latents": N_LATENTS}
+    if arch in TOPK_FAMILY:
+        fields["k"] = K_TRUE
+    if arch == "matryoshka_batchtopk":
+        fields["group_sizes"] = group_sizes_from_fractions(N_LATENTS, [0.25, 0.25, 0.5])
+    if arch == "relu":
+        fields["l1_coeff"] = 0.3
+    return SAEConfig(**(fields | extra))
+
+
+class PlantedData:
+    """x = Σ_i c_i d_i over K_TRUE random atoms of one fixed unit dictionary, c_i ~ U(1, 2);
+    `seed` picks the samples, never the dictionary."""
+
+    def __init__(self, seed: int = 0) -> None:
+        atoms = torch.randn(N_TRUE, D_IN, generator=torch.Generator().manual_seed(1234))
+        self.atoms = atoms / atoms.norm(dim=1, keepdim=True)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, n: int) -> torch.Tensor:
+        idx = torch.rand(n, N_TRUE, generator=self.gen).argsort(dim=1)[:, :K_TRUE]
+        coef = 1 + torch.rand(n, K_TRUE, generator=self.gen)
+        codes = torch.zeros(n, N_TRUE).scatter_(1, idx, coef)
+        return codes @ self.atoms
+
+
+def train(sae: SAE, data: PlantedData, steps: int, batch: int = 256, lr: float = 1e-2) -> None:
+    """The minimal loop the paper's trainers run: AuxK over dead latents, decoder kept unit-norm."""
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    since_fired = torch.zeros(sae.n_latents, dtype=torch.long)
+    sae.train()
+    for _ in range(steps):
+        out = sae(data.batch(batch), dead_mask=since_fired > 4 * batch)
+        out.loss.backward()
+        sae.remove_parallel_decoder_grad()
+        opt.step()
+        opt.zero_grad()
+        sae.normalize_decoder()
+        since_fired += batch
+        since_fired[fire_counts(out.latents) > 0] = 0
+    sae.eval()
+
+
+def fvu(sae: SAE, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        recon = sae.decode(sae.encode(x))
+    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds contention on the shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread) -> dict[str, SAE]:
+    saes = {}
+    for i, arch in enumerate(ALL):
+        torch.manual_seed(i)
+        sae = build_sae(make_cfg(arch, threshold_decay=0.9))
+        train(sae, PlantedData(seed=1), steps=300)
+        saes[arch] = sae
+    return saes
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_recovers_planted_dictionary(trained: dict[str, SAE], arch: str) -> None:
+    sae, data = trained[arch], PlantedData(seed=1)
+    assert fvu(sae, data.batch(2048)) < 0.1
+    best_cos = (data.atoms @ sae.W_dec.detach().T).max(dim=1).values
+    assert (best_cos > 0.9).float().mean() >= 0.8, best_cos
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk"])
+def test_threshold_inference_keeps_l0_near_k(trained: dict[str, SAE], arch: str) -> None:
+    sae = trained[arch]
+    assert sae.cfg.threshold is not None and sae.cfg.threshold > 0
+    with torch.no_grad():
+        l0 = (sae.encode(PlantedData(seed=2).batch(2048)) > 0).sum(-1).float().mean()
+    assert abs(float(l0) - K_TRUE) <= 0.2 * K_TRUE
+
+
+def dense_reference_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The textbook dense computation of the same training loss, for autograd to differentiate."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    n_rows, n = pre.shape
+    k = sae.cfg.k
+    if sae.cfg.architecture == "topk":
+        values, idx = pre.topk(k, dim=1)
+        f = torch.zeros_like(pre).scatter(1, idx, values.relu())
+    else:
+        values, idx = pre.flatten().topk(k * n_rows)
+        f = torch.zeros(n_rows * n).scatter(0, idx, values.relu()).view(n_rows, n)
+    ends = [0, *torch.tensor(sae.cfg.group_sizes or [n]).cumsum(0).tolist()]
+    recon, prefix = sae.b_dec.expand_as(x), []
+    for a, b in zip(ends[:-1], ends[1:]):
+        recon = recon + f[:, a:b] @ sae.W_dec[a:b]
+        prefix.append((x - recon).pow(2).sum(-1).mean())
+    residual = (x - recon).detach()
+    aux_values, aux_idx = torch.where(dead, pre, -torch.inf).topk(min(D_IN // 2, int(dead.sum())), dim=1)
+    aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_values.relu())
+    auxk = (residual - aux @ sae.W_dec).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    return torch.stack(prefix).mean() + sae.cfg.auxk_alpha * auxk, f
+
+
+@pytest.mark.parametrize("arch", TOPK_FAMILY)
+def test_sparse_path_matches_dense_autograd(arch: str) -> None:
+    torch.manual_seed(0)
+    sae = build_sae(make_cfg(arch))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x, dead = torch.randn(40, D_IN), torch.rand(N_LATENTS) < 0.3
+    out = sae(x, dead_mask=dead)
+    out.loss.backward()
+    grads = [p.grad.clone() for p in sae.parameters()]
+    sae.zero_grad()
+    ref_loss, ref_f = dense_reference_loss(sae, x, dead)
+    ref_loss.backward()
+    assert torch.allclose(out.loss, ref_loss, rtol=1e-5)
+    assert torch.equal(out.latents.to_dense(), ref_f.detach())
+    for got, p in zip(grads, sae.parameters()):
+        assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_topk_selection_is_exact_when_one_row_dominates() -> None:
+    torch.manual_seed(0)
+    pre = torch.randn(16, 200)
+    pre[3] += 10  # row 3 owns far more than 2k of the batch's top k*B: forces the retry
+    sel = batch_topk_selection(pre, k=5)
+    expected = torch.zeros(16 * 200, dtype=torch.bool)
+    expected[pre.flatten().topk(5 * 16).indices] = True
+    got = torch.zeros(16, 200, dtype=torch.bool)
+    got[sel.rows, sel.cols] = True
+    assert torch.equal(got.flatten(), expected)
+    assert torch.equal(sel.crow[1:] - sel.crow[:-1], got.sum(1))
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_fold_input_scale_takes_raw_activations(trained: dict[str, SAE], arch: str) -> None:
+    scale = 7.5
+    sae = trained[arch]
+    folded = copy.deepcopy(sae)
+    folded.fold_input_scale(scale)
+    raw = PlantedData(seed=3).batch(64) * scale
+    with torch.no_grad():
+        assert torch.allclose(folded.encode(raw), sae.encode(raw / scale) * scale, rtol=1e-4, atol=1e-4)
+        recon = folded.decode(folded.encode(raw))
+        assert torch.allclose(recon, sae.decode(sae.encode(raw / scale)) * scale, rtol=1e-4, atol=1e-4)
+    if sae.cfg.threshold is not None:
+        assert folded.cfg.threshold == pytest.approx(sae.cfg.threshold * scale)
+
+
+def test_threshold_travels_in_config_not_state_dict(trained: dict[str, SAE]) -> None:
+    sae = trained["batchtopk"]
+    assert set(sae.state_dict()) == {"W_enc", "W_dec", "b_enc", "b_dec"}
+    clone = build_sae(sae.cfg)
+    clone.load_state_dict(sae.state_dict())
+    clone.eval()
+    x = PlantedData(seed=4).batch(32)
+    with torch.no_grad():
+        assert torch.equal(clone.encode(x), sae.encode(x))
+    assert float(clone.threshold) == sae.cfg.threshold
+
+
+def test_threshold_is_learned_only_when_training() -> None:
+    torch.manual_seed(0)
+    sae = build_sae(make_cfg("batchtopk"))
+    assert isinstance(sae, BatchTopKSAE) and sae.cfg.threshold is None
+    x = torch.randn(64, D_IN)
+    sae(x)
+    first = sae.cfg.threshold
+    assert first is not None and first > 0
+    sae.eval()
+    out = sae(x)
+    assert sae.cfg.threshold == first
+    assert torch.equal(out.latents.to_dense(), sae.encode(x))
+
+
+@pytest.mark.parametrize("arch", ["relu", "batchtopk", "matryoshka_batchtopk"])
+def test_encode_subset_equals_full_encode(trained: dict[str, SAE], arch: str) -> None:
+    sae = trained[arch]
+    x = PlantedData(seed=5).batch(20).view(4, 5, D_IN)
+    idx = torch.tensor([0, 7, 7, 50, N_LATENTS - 1])
+    with torch.no_grad():
+        assert torch.allclose(sae.encode_subset(x, idx), sae.encode(x)[..., idx], atol=1e-6)
+
+
+def test_topk_is_not_elementwise() -> None:
+    with pytest.raises(TypeError, match="not elementwise"):
+        build_sae(make_cfg("topk")).encode_subset(torch.randn(2, D_IN), torch.tensor([0]))
+
+
+def test_decoder_rows_stay_unit_norm() -> None:
+    torch.manual_seed(0)
+    sae = build_sae(make_cfg("topk"))
+    opt = torch.optim.SGD(sae.parameters(), lr=1e-3)
+    for _ in range(5):
+        sae(torch.randn(64, D_IN)).loss.backward()
+        sae.remove_parallel_decoder_grad()
+        assert (sae.W_dec.grad * sae.W_dec.detach()).sum(1).abs().max() < 1e-5
+        opt.step()
+        opt.zero_grad()
+        # Without the parallel part a small step moves the norm only to second order.
+        assert (sae.W_dec.detach().norm(dim=1) - 1).abs().max() < 1e-4
+        sae.normalize_decoder()
+        assert torch.allclose(sae.W_dec.detach().norm(dim=1), torch.ones(N_LATENTS), atol=1e-6)
+
+
+def test_forward_keeps_leading_shape_and_rejects_wrong_width() -> None:
+    sae = build_sae(make_cfg("batchtopk"))
+    out = sae(torch.randn(2, 3, D_IN))
+    assert out.recon.shape == (2, 3, D_IN) and out.latents.shape == (6, N_LATENTS)
+    with pytest.raises(SAEInputError, match="d_in=32"):
+        sae(torch.randn(4, D_IN + 1))
+    with pytest.raises(SAEInputError, match="dead_mask"):
+        sae(torch.randn(4, D_IN), dead_mask=torch.zeros(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"architecture": "topk", "d_in": 4, "n_latents": 8}, "needs k"),
+        ({"architecture": "topk", "d_in": 4, "n_latents": 8, "k": 9}, "k=9 exceeds n_latents=8"),
+        ({"architecture": "matryoshka_batchtopk", "d_in": 4, "n_latents": 8, "k": 2, "group_sizes": [4, 3]}, "sum"),
+        ({"architecture": "topk", "d_in": 4, "n_latents": 8, "k": 2, "group_sizes": [8]}, "group_sizes"),
+        ({"architecture": "relu", "d_in": 0, "n_latents": 8}, "d_in"),
+        ({"architecture": "relu", "d_in": 4, "n_latents": 8, "threshold_decay": 1.0}, "threshold_decay"),
+        ({"architecture": "nope", "d_in": 4, "n_latents": 8}, "architecture"),
+    ],
+)
+def test_config_errors_name_the_field(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        SAEConfig(**fields)
+
+
+def test_group_sizes_from_fractions() -> None:
+    assert group_sizes_from_fractions(100, [0.1, 0.3, 0.6]) == [10, 30, 60]
+    assert sum(group_sizes_from_fractions(1001, [1 / 3, 1 / 3, 1 / 3])) == 1001
+    with pytest.raises(SAEConfigError, match="sum to 1"):
+        group_sizes_from_fractions(100, [0.5, 0.4])
+    with pytest.raises(SAEConfigError, match="empty group"):
+        group_sizes_from_fractions(3, [0.1, 0.9])
+
+
+def test_build_sae_rejects_unregistered_architecture() -> None:
+    cfg = SAEConfig.model_construct(architecture="made_up", d_in=4, n_latents=8)
+    with pytest.raises(SAEConfigError, match="made_up"):
+        build_sae(cfg)
