@@ -68,3 +68,24 @@ def test_holdout_split_by_shards_and_by_fraction(tmp_path):
     reader = ShardReader(tmp_path, manifest, verify=True)
     held_ids = torch.cat(list(reader.batches(held, 4)))[:, 0].long()
     assert held_ids.tolist() == list(range(45, 60))
+
+
+class _CountingReader(ShardReader):
+    """Records how many vectors each read brings into memory."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.loads: list[int] = []
+
+    def load(self, pieces):
+        self.loads.append(sum(p.count for p in pieces))
+        return super().load(pieces)
+
+
+def test_stream_reads_at_most_one_buffer_at_a_time(tmp_path):
+    manifest = _id_shards(tmp_path)
+    pieces, _ = split_holdout(manifest, holdout_shards=0, holdout=None)
+    reader = _CountingReader(tmp_path, manifest, True)
+    stream = ShardStream(reader, pieces, batch_size=8, seed=0, buffer_vectors=25)
+    _ids(stream.batches(0), 3 * 60 // 8)
+    assert max(reader.loads) == 20 and sum(reader.loads) == 3 * 60

@@ -88,7 +88,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
     buffer_mb: PositiveFloat = Field(
-        1024, description="Shuffle buffer: shards mixed together, in MiB of float32."
+        1024,
+        description="Shuffle buffer: shards mixed together, in MiB of float32 (peak use about twice that).",
     )
     scale_batches: PositiveInt = Field(10, description="Batches used to estimate the input scale.")
     holdout_shards: int = Field(

@@ -150,6 +150,7 @@ class ShardStream:
                     carry = torch.cat([carry, vectors[:need]])
                     vectors = vectors[need:]
                     if len(carry) < self.batch_size:
+                        del vectors
                         continue
                     yield carry
                     carry = None
@@ -157,5 +158,6 @@ class ShardStream:
                 if full:
                     yield from vectors[:full].split(self.batch_size)
                 if full < len(vectors):
-                    carry = vectors[full:]
+                    carry = vectors[full:].clone()
+                del vectors  # free this buffer before the next one is read
             epoch, skip = epoch + 1, 0
