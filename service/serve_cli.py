@@ -14,6 +14,7 @@ from typing import Annotated
 import httpx
 import typer
 
+from service.assets import resolve_checkpoints
 from service.config import ServiceSettings, load_settings
 
 
@@ -70,6 +71,11 @@ def serve(
     from ray import serve as ray_serve
 
     settings = load_settings(config)
+    checkpoints = resolve_checkpoints(settings)
+    note = "  <- a tiny RANDOM model: answers are meaningless" if checkpoints.random else ""
+    typer.echo(f"model {settings.model.id}: {checkpoints.model}{note}")
+    for sae_id, path in checkpoints.saes.items():
+        typer.echo(f"SAE {sae_id}: {path}")
     ray.init(include_dashboard=False, num_cpus=None if num_cpus is None else int(max(1, num_cpus)),
              ignore_reinit_error=True)
     ray_serve.start(http_options={"host": host, "port": port})
