@@ -288,12 +288,24 @@ def _start_or_restore(
 
 
 def run_training(config: TrainConfig, on_step: Callable[[StepRecord], None] | None = None) -> Path:
-    """Train (or resume) one SAE and return the final checkpoint directory (`out/sae`)."""
+    """Train (or resume) one SAE and return the final checkpoint directory (`out/sae`).
+
+    `config.threads` applies for the duration of the run only; the caller's setting comes back after.
+    """
     plan = plan_run(config)
-    rank, world = _world()
-    device = torch.device(config.device)
+    previous_threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(plan, on_step)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(plan: Plan, on_step: Callable[[StepRecord], None] | None) -> Path:
+    config = plan.config
+    rank, world = _world()
+    device = torch.device(config.device)
     reader = ShardReader(config.shards, plan.manifest, config.verify_shards)
     buffer_vectors = max(1, int(config.buffer_mb * 2**20 // (4 * plan.manifest.d_in)))
     stream = ShardStream(reader, plan.train_pieces, config.batch_size, config.seed, buffer_vectors)
