@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.config import ServiceSettings
@@ -28,6 +28,7 @@ class Checkpoints:
     model: str
     saes: dict[str, str]
     default_sae: str | None
+    layers: dict[str, int] = field(default_factory=dict)
     random: bool = False
 
 
@@ -59,9 +60,9 @@ def build_random_demo(target: Path) -> tuple[Path, Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     processor = build_processor(build_tokenizer(RANDOM_DEMO_WORDS), image_size=16, patch_size=8)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
-    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
+    text = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2}
     model = build_llava(processor, vision=vision, text=text, seed=0)
     model.save_pretrained(staging / "model")
     processor.save_pretrained(staging / "model")
@@ -79,16 +80,17 @@ def build_random_demo(target: Path) -> tuple[Path, Path]:
 
 def resolve_checkpoints(settings: ServiceSettings) -> Checkpoints:
     saes = {sae_id: entry.path for sae_id, entry in settings.saes.items()}
+    layers = {sae_id: entry.layer for sae_id, entry in settings.saes.items() if entry.layer is not None}
     if settings.model.path is not None:
         if not saes:
             raise ValueError("config: a model path is set but the SAE registry (saes) is empty")
-        return Checkpoints(settings.model.path, saes, settings.default_sae)
+        return Checkpoints(settings.model.path, saes, settings.default_sae, layers)
     shipped = _shipped_demo()
     if shipped is not None:
         model_dir, sae_dir = shipped
         log.info("serving the shipped demo model %s with SAE %s", model_dir, sae_dir)
-        return Checkpoints(str(model_dir), saes or {"demo": str(sae_dir)}, settings.default_sae)
+        return Checkpoints(str(model_dir), saes or {"demo": str(sae_dir)}, settings.default_sae, layers)
     model_dir, sae_dir = build_random_demo(cache_dir() / "random-demo")
     log.warning("NO DEMO MODEL SHIPPED YET: serving a tiny RANDOM LLaVA and SAE from %s; answers are meaningless",
                 model_dir.parent)
-    return Checkpoints(str(model_dir), saes or {"demo": str(sae_dir)}, settings.default_sae, random=True)
+    return Checkpoints(str(model_dir), saes or {"demo": str(sae_dir)}, settings.default_sae, layers, random=True)

@@ -13,7 +13,7 @@ import base64
 import io
 import mimetypes
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from PIL import Image
@@ -51,7 +51,7 @@ class SteerClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
 
-    def __enter__(self) -> SteerClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

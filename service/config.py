@@ -13,11 +13,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from typing import Annotated
-
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -35,7 +33,7 @@ log = logging.getLogger(__name__)
 CONFIG_ENV = "VLM_STEER_CONFIG"
 """Env var naming the YAML settings file when none is passed explicitly (the container sets it)."""
 
-_file_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("vlm_steer_file_values", default={})
+_file_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("vlm_steer_file", default=None)
 
 
 class ModelSettings(BaseModel):
@@ -54,7 +52,7 @@ class SAEEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(description="SAE checkpoint directory or hub id.")
-    layer: int | None = Field(None, description="Tower block to attach to; None uses the checkpoint's own.")
+    layer: int | None = Field(None, description="Tower block it reads, for checkpoints that do not record it.")
 
 
 class Limits(BaseModel):
@@ -148,6 +146,12 @@ class ServiceSettings(BaseSettings):
     )
     route_prefix: str = "/"
     app_name: str = "vlm-steer"
+    ui_examples_dir: Path | None = Field(
+        None, description="Images the /ui playground offers in one click; None: the checkout's examples/ if any."
+    )
+    report_dir: Path | None = Field(
+        None, description="A `vlm-steer evaluate` output (or its browser/ folder): /ui shows each latent's top images."
+    )
 
     @field_validator("model", mode="before")
     @classmethod
@@ -181,10 +185,10 @@ class _FileSource(PydanticBaseSettingsSource):
     """The YAML file's values (merged with builder args), ranked below env so operators can override."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return _file_values.get().get(field_name), field_name, False
+        return (_file_values.get() or {}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_file_values.get())
+        return dict(_file_values.get() or {})
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,6 @@ Replicas hold no request logic: batches go to the plain functions in `service.pi
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from ray import serve
@@ -42,16 +41,16 @@ from service.pipeline import (
     steer_generate_batch,
 )
 
-log = logging.getLogger("ray.serve")
-
 
 def load_engine(settings: ServiceSettings):
+    """The engine for the registry's model and SAEs (or the demo pair), with the config's layer overrides."""
     from service.engine.engine import SteeringEngine
 
     checkpoints = resolve_checkpoints(settings)
+    layers = {"sae_layers": checkpoints.layers} if checkpoints.layers else {}
     return SteeringEngine.load(checkpoints.model, checkpoints.saes, checkpoints.default_sae,
                                backend=settings.model.backend, device=settings.model.device,
-                               dtype=settings.model.dtype)
+                               dtype=settings.model.dtype, value_bound=settings.limits.value_bound, **layers)
 
 
 class _ModelReplica:

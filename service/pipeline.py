@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from PIL import Image
 
+from sae_modules.intervention import reconstruction_stats, token_mask
+from service.api.schemas import SAEInfo
 from service.engine.types import (
     Conversation,
     GenerationOutput,
@@ -27,9 +29,6 @@ from service.engine.types import (
     SteerSpec,
     SteerStats,
 )
-
-from sae_modules.intervention import reconstruction_stats, token_mask
-from service.api.schemas import SAEInfo
 
 if TYPE_CHECKING:
     from service.engine.engine import SteeringEngine

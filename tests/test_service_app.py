@@ -52,8 +52,8 @@ def service(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     ray.init(_temp_dir=ray_dir, include_dashboard=False, num_cpus=2, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = dict(model={"id": "tiny", "path": str(tiny_llava_dir)}, saes={"a": {"path": str(sae_dir)}},
-                  limits=LIMITS, ingress=REPLICA)
+    common = {"model": {"id": "tiny", "path": str(tiny_llava_dir)}, "saes": {"a": {"path": str(sae_dir)}},
+              "limits": LIMITS, "ingress": REPLICA}
     main = ServiceSettings(**common, layout="split", steerer=REPLICA, generator=REPLICA,
                            batching={"max_batch_size": 16, "batch_wait_timeout_s": 0.25})
     keyed = ServiceSettings(**common, layout="colocated", app_name="keyed", route_prefix="/keyed",

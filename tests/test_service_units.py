@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,24 @@ def test_rate_limiter_refills() -> None:
     wait = limiter.allow("a")
     assert wait is not None and 0 < wait <= 30
     assert limiter.allow("b") is None
+
+
+def test_serve_config_builds_the_app() -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from service import deployments
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    module, _, name = application["import_path"].partition(":")
+    assert (module, name) == ("service.deployments", "build_app")
+    app = deployments.build_app(application["args"])
+    ingress = app._bound_deployment
+    assert ingress.name == "Ingress"
+    model = ingress.init_args[1]._bound_deployment
+    assert model.name == "SteerGenerate"
+    assert model._deployment_config.autoscaling_config.max_replicas == 4
+    split = deployments.build_app({**application["args"], "layout": "split"})._bound_deployment
+    assert [arg._bound_deployment.name for arg in split.init_args[1:]] == ["Steerer", "Generator"]

@@ -25,6 +25,7 @@ from service.config import Limits, ServiceSettings
 from service.engine.types import Conversation, SamplingParams, SteerSpec, user_turn
 from service.metrics import BATCH_SIZE, INTERVENTIONS, SAE_INFO, exposition, observe_sae, observe_stages
 from service.pipeline import BatchSlot, EncodeJob, EncodeResult, ServingInfo, SteerJob, SteerResult
+from service.ui import mount_ui
 
 DEFAULT_MAX_TOKENS = 64
 
@@ -133,6 +134,7 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(Guard, limits=limits, api_keys=[key.get_secret_value() for key in settings.api_keys])
+    mount_ui(app, settings.ui_examples_dir, settings.report_dir)
 
     async def served() -> ServingInfo:
         try:
@@ -251,7 +253,7 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
         """200 only when the model and every SAE are loaded and the model replicas answer."""
         try:
             ready = await asyncio.wait_for(backend.ready(), timeout=5.0)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever a replica raises, it is not ready
             ready = False
         if not ready:
             raise APIError(503, "models are loading", headers={"Retry-After": str(limits.retry_after_s)})

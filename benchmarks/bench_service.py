@@ -1,0 +1,139 @@
+"""Service overhead, batching gain and deployment layout on the tiny random demo model, all on one local Ray.
+
+- overhead: p50 of HTTP /v1/steer end to end over p50 of the same request as one in-process
+  `SteeringEngine.run` (both with one torch thread, as a 1-CPU replica gets). Goal <= 1.10.
+- batching: requests/s of 16 concurrent clients with `max_batch_size=16` over `max_batch_size=1`. Goal >= 2.
+- layout: the same two figures for `colocated` (steer + generate in one replica) and `split`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from service.api.images import load_image
+from service.assets import build_random_demo
+from service.config import ServiceSettings
+from service.engine.types import SamplingParams, SteerSpec
+from service.serve_cli import run_app, wait_ready
+
+PROMPT = "describe the image ."
+MAX_TOKENS = 16
+LATENCY_REQUESTS = 30
+CLIENTS = 16
+REQUESTS_PER_CLIENT = 4
+
+
+def _image_url(seed: int) -> str:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _body(seed: int) -> dict:
+    return {"prompt": PROMPT, "image": _image_url(seed), "max_tokens": MAX_TOKENS,
+            "interventions": [{"latent": 3, "mode": "pin", "value": 20.0}]}
+
+
+def in_process_p50(model_dir: Path, sae_dir: Path) -> float:
+    from sae_modules.intervention_spec import Intervention
+    from service.config import Limits
+    from service.engine.engine import SteeringEngine
+
+    engine = SteeringEngine.load(str(model_dir), {"demo": str(sae_dir)})
+    spec = SteerSpec(interventions=[Intervention(latent=3, value=20.0)], sae_id="demo")
+    params = SamplingParams(max_tokens=MAX_TOKENS)
+    limits = Limits()
+    times = []
+    for i in range(LATENCY_REQUESTS + 3):
+        image_ref = _image_url(i)
+        start = time.perf_counter()
+        engine.run(load_image(image_ref, limits), PROMPT, spec, params)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[3:])
+
+
+def http_p50(base: str) -> float:
+    times = []
+    with httpx.Client(timeout=120) as client:
+        for i in range(LATENCY_REQUESTS + 3):
+            start = time.perf_counter()
+            response = client.post(f"{base}/v1/steer", json=_body(i))
+            times.append(time.perf_counter() - start)
+            response.raise_for_status()
+    return statistics.median(times[3:])
+
+
+def throughput(base: str) -> float:
+    def client(worker: int) -> None:
+        with httpx.Client(timeout=300) as http:
+            for i in range(REQUESTS_PER_CLIENT):
+                http.post(f"{base}/v1/steer", json=_body(worker * 100 + i)).raise_for_status()
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(client, range(CLIENTS)))
+    return CLIENTS * REQUESTS_PER_CLIENT / (time.perf_counter() - start)
+
+
+def _settings(model_dir: Path, sae_dir: Path, layout: str, batch: int) -> ServiceSettings:
+    replica = {"num_cpus": 1.0 if layout == "colocated" else 0.5, "max_ongoing_requests": 64}
+    return ServiceSettings(model={"id": "tiny", "path": str(model_dir)}, saes={"demo": {"path": str(sae_dir)}},
+                           layout=layout, steerer=replica, generator=replica, ingress={"num_cpus": 0.25},
+                           batching={"max_batch_size": batch, "batch_wait_timeout_s": 0.01})
+
+
+def main() -> None:
+    import ray
+    from ray import serve
+
+    work = Path(tempfile.mkdtemp(prefix="vsb", dir="/tmp"))
+    model_dir, sae_dir = build_random_demo(work / "demo")
+    torch.set_num_threads(1)
+    baseline = in_process_p50(model_dir, sae_dir)
+    ray.init(_temp_dir=str(work / "ray"), include_dashboard=False, num_cpus=2, log_to_driver=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        for layout, batch in (("colocated", 16), ("colocated", 1), ("split", 16), ("split", 1)):
+            run_app(_settings(model_dir, sae_dir, layout, batch))
+            wait_ready(base, 300)
+            rows.append((layout, batch, http_p50(base), throughput(base)))
+            serve.delete("vlm-steer")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"in-process engine.run p50: {baseline * 1e3:.1f} ms (tiny random demo, {MAX_TOKENS} tokens, 1 thread)")
+    print(f"{'layout':<10} {'batch':>5} {'http p50 ms':>12} {'overhead':>9} {'req/s @16':>10}")
+    for layout, batch, p50, rps in rows:
+        print(f"{layout:<10} {batch:>5} {p50 * 1e3:>12.1f} {p50 / baseline:>9.2f} {rps:>10.2f}")
+    by = {(layout, batch): (p50, rps) for layout, batch, p50, rps in rows}
+    for layout in ("colocated", "split"):
+        print(f"{layout}: batching gain {by[(layout, 16)][1] / by[(layout, 1)][1]:.2f}x (goal >= 2), "
+              f"overhead at batch 16 {by[(layout, 16)][0] / baseline:.2f} (goal <= 1.10)")
+    print(f"split / colocated throughput at batch 16: {by[('split', 16)][1] / by[('colocated', 16)][1]:.2f}; "
+          f"p50 latency: {by[('split', 16)][0] / by[('colocated', 16)][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
