@@ -10,9 +10,7 @@ import base64
 import concurrent.futures
 import io
 import re
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -24,6 +22,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from service.config import ServiceSettings
 from service.engine.types import user_turn
 from service.serve_cli import run_app, wait_ready
+from tests.ray_app import local_serve
 from tests.service_fixtures import N_LATENTS, data_url, encoded, noise_image, write_tiny_sae
 
 PROMPT = "describe the image ."
@@ -36,22 +35,9 @@ LIMITS = {"max_body_bytes": 300_000, "max_image_bytes": 100_000, "max_image_pixe
           "max_top_k": 32, "max_messages": 4}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    import ray
-    from ray import serve
-
     sae_dir = write_tiny_sae(tmp_path_factory.mktemp("svc_sae") / "sae")
-    ray_dir = tempfile.mkdtemp(prefix="vs", dir="/tmp")
-    ray.init(_temp_dir=ray_dir, include_dashboard=False, num_cpus=2, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": {"id": "tiny", "path": str(tiny_llava_dir)}, "saes": {"a": {"path": str(sae_dir)}},
               "limits": LIMITS, "ingress": REPLICA}
     main = ServiceSettings(**common, layout="split", steerer=REPLICA, generator=REPLICA,
@@ -59,17 +45,12 @@ def service(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     keyed = ServiceSettings(**common, layout="colocated", app_name="keyed", route_prefix="/keyed",
                             api_keys=[KEY], steerer={**REPLICA, "max_ongoing_requests": 1, "max_queued_requests": 1},
                             batching={"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
-    try:
+    with local_serve() as base:
         run_app(main)
         run_app(keyed)
-        base = f"http://127.0.0.1:{port}"
         wait_ready(base, 240)
         wait_ready(f"{base}/keyed", 240)
         yield base
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,37 @@
+"""A local Ray with Serve's HTTP proxy on a free 127.0.0.1 port, for test modules that run the real app.
+
+Ray's temp dir goes under /tmp with a short name (its socket paths must stay under 108 bytes),
+and everything is shut down and removed when the module is done.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def local_serve(num_cpus: int = 2) -> Iterator[str]:
+    """Start Ray and Serve; yield the proxy's base URL (deploy apps with `service.serve_cli.run_app`)."""
+    import ray
+    from ray import serve
+
+    ray_dir = tempfile.mkdtemp(prefix="vs", dir="/tmp")
+    ray.init(_temp_dir=ray_dir, include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
