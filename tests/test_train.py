@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def _config(shards: Path, out: Path, **changes) -> TrainConfig:
         "buffer_mb": 2 * 256 * D_IN * 4 / 2**20,
         "checkpoint_every": 8,
         "log_every": 1,
-        "dead_window": 2000,
+        "dead_window": 3 * 64,
         "threshold_decay": 0.9,
         "threads": 1,
         "progress": False,
@@ -92,6 +93,13 @@ def test_log_has_every_field_and_consistent_figures(uninterrupted):
     assert last["samples"] == 30 * 64 and last["epoch"] == pytest.approx(30 * 64 / (5 * 256))
     assert last["loss"] == pytest.approx(last["loss_l2"] + 1 / 32 * last["loss_auxk"], rel=1e-5)
     assert 0 <= last["dead_fraction"] <= 1 and 0 < last["fvu"] < 1
+    # a latent unfired for 3 batches is dead; the next step's AuxK loss then works on it
+    assert any(r["dead_fraction"] > 0 for r in rows)
+    assert all(nxt["loss_auxk"] > 0 for r, nxt in pairwise(rows) if r["dead_fraction"] > 0)
+    assert all(nxt["loss_auxk"] == 0 for r, nxt in pairwise(rows) if r["dead_fraction"] == 0)
+    counters = load_checkpoint(latest_checkpoint(uninterrupted.parent)).state.samples_since_fired
+    assert last["dead_fraction"] == float((counters >= 3 * 64).double().mean())
+    assert bool((counters % 64 == 0).all()) and int(counters.max()) <= 30 * 64
     cfg = _config(Path("."), Path("."))
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 30, cfg) for s in range(30)])
 
