@@ -1,0 +1,203 @@
+"""`vlm-steer evaluate ...`: monosemanticity, taxonomy depth, steering score, and the full report.
+
+Every command takes either precomputed files or the whole chain (tower activations at the SAE's
+layer -> SAE encode -> per-image pooling, and the embedder), which it caches in an encoded
+directory so that later commands (taxonomy, report) reuse it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from sae_modules.activations.errors import ExtractError
+from sae_modules.activations.images import FolderImages
+from sae_modules.activations.shards import ShardError
+from sae_modules.activations.shards import _write_atomic as write_atomic
+from sae_modules.activations.towers import load_tower, resolve_device
+from sae_modules.evaluation.embedders import load_embedder
+from sae_modules.evaluation.encode import POOLINGS, EncodedDir, encode_images
+from sae_modules.evaluation.errors import EvaluationError
+from sae_modules.evaluation.latent_summary import summarize_latents
+from sae_modules.evaluation.monosemanticity import monosemanticity, ms_report
+from sae_modules.evaluation.plots import histogram
+from sae_modules.evaluation.reconstruction import reconstruction_metrics
+from sae_modules.evaluation.report import evaluate_encoded, write_report
+from sae_modules.evaluation.sources import SafetensorsBatches
+from sae_modules.evaluation.taxonomy import by_level, csv_taxonomy, folder_taxonomy, latent_depths
+from sae_modules.formats.detect import load_sae
+from sae_modules.formats.errors import CheckpointError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+_ERRORS = (EvaluationError, ExtractError, ShardError, CheckpointError)
+
+SaeOpt = Annotated[str | None, typer.Option(help="SAE checkpoint (any supported layout) for the chain.")]
+ModelOpt = Annotated[str | None, typer.Option(help="CLIP / LLaVA checkpoint or open_clip:NAME whose tower the SAE reads.")]
+ImagesOpt = Annotated[Path | None, typer.Option(help="Image folder (recursive, sorted; subfolders are labels).")]
+EmbedderOpt = Annotated[str | None, typer.Option(help="dinov2:PATH, clip:PATH, open_clip:ARCH@WEIGHTS or FILE.safetensors.")]
+LayerOpt = Annotated[int | None, typer.Option(help="Tower block; default: the layer recorded in the SAE's config.")]
+PoolingOpt = Annotated[str, typer.Option(help="Per-image value of a latent over tokens: mean (paper), max, cls.")]
+RawOpt = Annotated[bool, typer.Option("--raw-neurons", help="'No SAE' baseline: the layer's neurons are the latents.")]
+WeightsOpt = Annotated[Path | None, typer.Option(help="open_clip tower weights.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+EncodedOpt = Annotated[Path | None, typer.Option(help="Encoded directory written by an earlier chain run.")]
+
+
+def _fail(err: Exception) -> typer.Exit:
+    field = getattr(err, "field", None)
+    Console(stderr=True).print(f"[red]error:[/red] {f'{field}: ' if field else ''}{err}", highlight=False)
+    return typer.Exit(2)
+
+
+def _encoded(encoded: Path | None, work: Path, sae: str | None, model: str | None, images: Path | None,
+             embedder: str | None, layer: int | None, pooling: str, raw_neurons: bool, weights: Path | None,
+             device: str, batch_size: int) -> EncodedDir:
+    """An existing encoded directory, or run the chain into `work`."""
+    if encoded is not None:
+        return EncodedDir.open(encoded)
+    missing = [name for name, value in (("--model", model), ("--images", images), ("--embedder", embedder))
+               if value is None]
+    if missing:
+        raise EvaluationError(f"the chain needs {', '.join(missing)} (or give precomputed files)", missing[0][2:])
+    if (sae is None) != raw_neurons:
+        raise EvaluationError("give exactly one of --sae and --raw-neurons", "sae")
+    torch_device = resolve_device(device)
+    sae_module = None if sae is None else load_sae(sae, device=torch_device)
+    if layer is None:
+        layer = None if sae_module is None else sae_module.cfg.source.layer
+        if layer is None:
+            raise EvaluationError("the SAE's config records no layer: give --layer", "layer")
+    tower = load_tower(model, str(weights) if weights else None, device)
+    return encode_images(tower, layer, sae_module, FolderImages(images), load_embedder(embedder, torch_device), work,
+                         pooling=pooling, batch_size=batch_size, sae_name=sae)  # type: ignore[arg-type]
+
+
+def _group_sizes(text: str | None, sae: str | None) -> list[int] | None:
+    if text:
+        try:
+            return [int(x) for x in text.split(",")]
+        except ValueError:
+            raise EvaluationError(f"--group-sizes {text!r} must be comma-separated integers", "group_sizes") from None
+    if sae:
+        return load_sae(sae).cfg.group_sizes
+    return None
+
+
+def _taxonomy(spec: str, encoded: EncodedDir) -> list[tuple[str, ...]]:
+    if spec == "folders":
+        return folder_taxonomy(encoded.info.ids)
+    return csv_taxonomy(spec, encoded.info.ids)
+
+
+@app.command()
+def ms(
+    out: Annotated[Path, typer.Option(help="ms.json to write.")],
+    activations: Annotated[list[Path] | None, typer.Option(help="safetensors with tensor `activations` [N, F]; repeatable, rows concatenate.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="safetensors with tensor `embeddings` [N, D].")] = None,
+    sae: SaeOpt = None, model: ModelOpt = None, images: ImagesOpt = None, embedder: EmbedderOpt = None,
+    layer: LayerOpt = None, pooling: PoolingOpt = "mean", raw_neurons: RawOpt = False, weights: WeightsOpt = None,
+    encoded: EncodedOpt = None,
+    work: Annotated[Path | None, typer.Option(help="Where the chain caches its encoded directory.")] = None,
+    hist: Annotated[Path | None, typer.Option(help="Also write a histogram PNG.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Monosemanticity score of every latent: {"ms": [...], "mean", "std", "n_live", ...}."""
+    try:
+        if pooling not in POOLINGS:
+            raise EvaluationError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}", "pooling")
+        if activations:
+            if embeddings is None:
+                raise EvaluationError("--activations needs --embeddings", "embeddings")
+            batches = SafetensorsBatches(activations, embeddings)
+        else:
+            work = work or out.with_name(out.stem + "-encoded")
+            batches = _encoded(encoded, work, sae, model, images, embedder, layer, pooling, raw_neurons, weights,
+                               device, batch_size).batches()
+        summary, scores = monosemanticity(batches, batches.n_latents, top_k=1,
+                                          device=resolve_device(device))
+        report = ms_report(scores, summary.n_images)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, report.model_dump_json().encode())
+        if hist is not None:
+            histogram(scores, hist, title="Monosemanticity score", xlabel="MS")
+    except _ERRORS as err:
+        raise _fail(err) from None
+    std = "n/a" if report.std is None else f"{report.std:.4f}"
+    mean = "n/a" if report.mean is None else f"{report.mean:.4f}"
+    Console(stderr=True).print(f"MS {mean} ± {std} over {report.n_live} of {report.n_latents} latents "
+                               f"({report.n_images} images) -> {out}")
+
+
+@app.command()
+def taxonomy(
+    encoded: Annotated[Path, typer.Option(help="Encoded directory (from `ms` or `report` with the chain).")],
+    out: Annotated[Path, typer.Option(help="taxonomy.json to write.")],
+    taxonomy: Annotated[str, typer.Option(help="'folders' (iNaturalist-style names split on _) or a CSV file.")] = "folders",
+    group_sizes: Annotated[str | None, typer.Option(help="Matryoshka levels, e.g. 64,128,256; default: from --sae.")] = None,
+    sae: SaeOpt = None,
+    ms_json: Annotated[Path | None, typer.Option("--ms", help="ms.json to put each level's mean MS beside its depth.")] = None,
+    top_k: Annotated[int, typer.Option(help="Top images per latent (16 gives the paper's 120 pairs).")] = 16,
+) -> None:
+    """Mean LCA depth of each latent's top images, per Matryoshka level (paper Table 2)."""
+    import json
+
+    import torch
+
+    try:
+        data = EncodedDir.open(encoded)
+        batches = data.batches()
+        summary = summarize_latents(batches, batches.n_latents, top_k)
+        depths = latent_depths(summary.top_images, summary.top_values, _taxonomy(taxonomy, data))
+        scores = None
+        if ms_json is not None:
+            values = json.loads(ms_json.read_text())["ms"]
+            scores = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64)
+        rows = by_level(depths, scores, _group_sizes(group_sizes, sae))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        body = {"depth": [None if d != d else d for d in depths.tolist()], "levels": [r.model_dump() for r in rows]}
+        write_atomic(out, json.dumps(body).encode())
+    except (*_ERRORS, OSError, KeyError, ValueError) as err:
+        raise _fail(err) from None
+    for row in rows:
+        Console(stderr=True).print(f"level {row.level}: depth {row.depth} over {row.n_scored} latents, MS {row.ms}")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option(help="Report directory: report.json, report.md, plots, browser/.")],
+    sae: SaeOpt = None, model: ModelOpt = None, images: ImagesOpt = None, embedder: EmbedderOpt = None,
+    layer: LayerOpt = None, pooling: PoolingOpt = "mean", raw_neurons: RawOpt = False, weights: WeightsOpt = None,
+    encoded: EncodedOpt = None,
+    shards: Annotated[Path | None, typer.Option(help="Activation shards for FVU / L0 / dead latents (needs --sae).")] = None,
+    max_vectors: Annotated[int | None, typer.Option(help="Cap on shard vectors for reconstruction.")] = None,
+    taxonomy: Annotated[str | None, typer.Option(help="'folders' or a CSV: adds taxonomy depth per level.")] = None,
+    group_sizes: Annotated[str | None, typer.Option(help="Matryoshka levels; default: from --sae.")] = None,
+    service_url: Annotated[str | None, typer.Option(help="Steering service URL: each latent links to {url}/ui?latent=K.")] = None,
+    browser_latents: Annotated[int, typer.Option(help="Most latents the browser shows (spread over MS and levels).")] = 512,
+    top_k: Annotated[int, typer.Option(help="Top images per latent.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Everything: MS, firing, taxonomy depth, reconstruction, plots and the latent browser."""
+    try:
+        data = _encoded(encoded, out / "encoded", sae, model, images, embedder, layer, pooling, raw_neurons, weights,
+                        device, batch_size)
+        ev = evaluate_encoded(data, top_k=top_k, group_sizes=_group_sizes(group_sizes, sae),
+                              taxonomy=_taxonomy(taxonomy, data) if taxonomy else None,
+                              device=str(resolve_device(device)))
+        recon = None
+        if shards is not None:
+            if sae is None:
+                raise EvaluationError("--shards measures an SAE's reconstruction: give --sae", "sae")
+            recon = reconstruction_metrics(load_sae(sae), shards, max_vectors=max_vectors,
+                                           device=resolve_device(device))
+        result = write_report(out, data, ev, reconstruction=recon, service_url=service_url,
+                              browser_cap=browser_latents, images_root=images)
+    except _ERRORS as err:
+        raise _fail(err) from None
+    Console(stderr=True).print(f"report -> {out / 'report.md'}; MS {result.ms_mean} ± {result.ms_std} "
+                               f"over {result.n_live} latents")
