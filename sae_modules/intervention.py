@@ -23,6 +23,9 @@ from torch import Tensor
 from sae_modules.intervention_spec import Intervention, TokenScope
 from sae_modules.saes.base import SAE
 
+#: Above this fraction of firing latents a dense decode is faster than a sparse one.
+SPARSE_DECODE_DENSITY = 0.05
+
 
 @dataclass
 class Edit:
@@ -62,13 +65,14 @@ def can_use_fast_path(sae: SAE, use_error_term: bool, pre_zero: bool) -> bool:
 
 
 def sparse_decode(sae: SAE, latents: Tensor) -> Tensor:
-    """`sae.decode` through the latents that fire somewhere in the image only.
+    """`sae.decode` of [T, n_latents] latents, as a sparse matmul when few of them fire.
 
-    A sparse SAE fires a small union of latents over an image's tokens, so this skips most of the
-    decoder matmul; the result is the same sum.
+    A sparse SAE fires a few dozen latents per token out of tens of thousands, so a dense decode
+    would spend nearly all of its time multiplying zeros; the result is the same sum.
     """
-    active = latents.ne(0).any(dim=0).nonzero().squeeze(1)
-    return latents[:, active] @ sae.W_dec[active] + sae.b_dec
+    if latents.count_nonzero().item() > SPARSE_DECODE_DENSITY * latents.numel():
+        return sae.decode(latents)
+    return torch.sparse.mm(latents.to_sparse(), sae.W_dec) + sae.b_dec
 
 
 def edit_activations(

@@ -11,9 +11,9 @@ from sae_modules.shapes.builder import build_llava, build_processor, build_token
 
 TINY_WORDS = ("a", "red", "blue", "green", "circle", "square", "triangle", "what", "is", "in", "the", "image", "?",
               "describe", "color", "shape", "it", "yes", "no", ".")
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
-TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                 num_key_value_heads=1, max_position_embeddings=256)
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
+             "num_key_value_heads": 1, "max_position_embeddings": 256}
 TINY_IMAGE_SIZE, TINY_PATCH_SIZE = 56, 14
 
 

@@ -177,10 +177,10 @@ def test_unknown_sae_is_rejected(engine, pixels):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(architecture="batchtopk", layer=1, d_in=48), "d_in"),
-    (dict(architecture="batchtopk", layer=2), "layer"),
-    (dict(architecture="batchtopk", layer=7), "layer"),
-    (dict(architecture="batchtopk", layer=1, model_id="openai/clip-vit-base-patch32"), "model"),
+    ({"architecture": "batchtopk", "layer": 1, "d_in": 48}, "d_in"),
+    ({"architecture": "batchtopk", "layer": 2}, "layer"),
+    ({"architecture": "batchtopk", "layer": 7}, "layer"),
+    ({"architecture": "batchtopk", "layer": 1, "model_id": "openai/clip-vit-base-patch32"}, "model"),
 ])
 def test_sae_that_does_not_fit_is_refused_at_load(tiny_llava_dir, tmp_path, kwargs, field):
     path = save_sae(make_sae(**kwargs), tmp_path / "bad")
@@ -192,3 +192,14 @@ def test_sae_that_does_not_fit_is_refused_at_load(tiny_llava_dir, tmp_path, kwar
 def test_sae_trained_on_the_same_model_attaches(tiny_llava_dir, tmp_path):
     path = save_sae(make_sae("batchtopk", 1, model_id=str(tiny_llava_dir)), tmp_path / "ok")
     assert SteeringEngine.load(str(tiny_llava_dir), {"ok": str(path)}).sae_ids == ["ok"]
+
+
+def test_sae_without_a_layer_needs_one_given(tiny_llava_dir, tmp_path):
+    sae = make_sae("batchtopk", 1)
+    sae.cfg = sae.cfg.model_copy(update={"source": sae.cfg.source.model_copy(update={"layer": None})})
+    path = str(save_sae(sae, tmp_path / "nolayer"))
+    with pytest.raises(SAEMismatchError, match="does not record its layer") as info:
+        SteeringEngine.load(str(tiny_llava_dir), {"s": path})
+    assert info.value.field == "layer"
+    engine = SteeringEngine.load(str(tiny_llava_dir), {"s": path}, sae_layers={"s": -2})
+    assert engine.steerer.block_index["s"] == 1

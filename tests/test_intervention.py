@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_modules.intervention import can_use_fast_path, edit_activations, reconstruction_stats, token_mask
+from sae_modules.intervention import (
+    SPARSE_DECODE_DENSITY,
+    can_use_fast_path,
+    edit_activations,
+    reconstruction_stats,
+    sparse_decode,
+    token_mask,
+)
 from sae_modules.intervention_spec import Intervention
 from sae_modules.saes import SAEConfig, build_sae
 
@@ -139,3 +146,13 @@ def test_reconstruction_stats_by_hand(x):
     recon = f @ sae.W_dec + sae.b_dec
     assert stats.l0 == pytest.approx((f != 0).float().sum(1).mean().item())
     assert stats.fvu == pytest.approx((((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()).item(), rel=1e-5)
+
+
+def test_sparse_decode_equals_dense_decode():
+    sae = make_sae()
+    sparse = torch.zeros(T, F)
+    sparse[torch.arange(T), torch.arange(T) * 5] = torch.rand(T) + 0.5
+    assert sparse.count_nonzero() < SPARSE_DECODE_DENSITY * sparse.numel()
+    torch.testing.assert_close(sparse_decode(sae, sparse), sae.decode(sparse))
+    dense = torch.rand(T, F)
+    torch.testing.assert_close(sparse_decode(sae, dense), sae.decode(dense))

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from sae_modules.intervention_spec import InterventionError, TokenScope
 from sae_modules.saes.base import SAE
-from service.engine.loading import check_sae_fits, load_llava, load_saes
+from service.engine.loading import check_sae_fits, load_llava, load_saes, resolve_dtype
 from service.engine.steerer import VisionSteerer
 from service.engine.types import (
     GenerationOutput,
@@ -60,8 +60,12 @@ class SteeringEngine:
     @classmethod
     def load(cls, model: str, saes: dict[str, str], default_sae: str | None = None, backend: str = "transformers",
              device: str = "cpu", dtype: str | torch.dtype | None = None, value_bound: float = 1e4,
-             **backend_kwargs: Any) -> SteeringEngine:
-        """Load model, processor and SAE checkpoints (paths or hub ids) and build the chosen backend."""
+             sae_layers: dict[str, int] | None = None, **backend_kwargs: Any) -> SteeringEngine:
+        """Load model, processor and SAE checkpoints (paths or hub ids) and build the chosen backend.
+
+        `sae_layers` gives the block of SAEs whose checkpoint does not record it; `backend_kwargs`
+        go to `vllm.LLM` (e.g. gpu_memory_utilization, max_model_len).
+        """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
         if not saes:
@@ -70,12 +74,13 @@ class SteeringEngine:
         if backend == "vllm":
             from service.engine.generators.vllm_backend import VLLMGenerator
 
-            generator: Generator = VLLMGenerator(model, processor, **backend_kwargs)
+            vllm_dtype = str(resolve_dtype(dtype, device)).removeprefix("torch.")
+            generator: Generator = VLLMGenerator(model, processor, **{"dtype": vllm_dtype, **backend_kwargs})
         else:
             from service.engine.generators.transformers_backend import TransformersGenerator
 
             generator = TransformersGenerator(llava, processor)
-        return cls(llava, processor, load_saes(saes, device), default_sae or next(iter(saes)), generator,
+        return cls(llava, processor, load_saes(saes, device, sae_layers), default_sae or next(iter(saes)), generator,
                    value_bound, model_id=model)
 
     @property

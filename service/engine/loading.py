@@ -93,7 +93,8 @@ def check_sae_fits(model: nn.Module, model_name: str, sae: SAE, sae_id: str) -> 
         raise SAEMismatchError(f"SAE {sae_id!r} has d_in={sae.d_in} but the vision tower's width is {width}", "d_in")
     layer = sae.cfg.source.layer
     if layer is None:
-        raise SAEMismatchError(f"SAE {sae_id!r} does not record its layer (cfg.source.layer)", "layer")
+        raise SAEMismatchError(f"SAE {sae_id!r} does not record its layer: give it (the paper's steering SAE "
+                               "reads block 22, `--layer 22` / `sae_layers`)", "layer")
     n_blocks = len(vision_blocks(model))
     try:
         block = resolve_layer(layer, n_blocks)
@@ -111,8 +112,18 @@ def check_sae_fits(model: nn.Module, model_name: str, sae: SAE, sae_id: str) -> 
             f"SAE {sae_id!r} was trained on {source!r}, not on this model's vision tower ({sorted(names)})", "model")
 
 
-def load_saes(paths: dict[str, str], device: str | torch.device = "cpu") -> dict[str, SAE]:
-    """SAEs by id from checkpoint paths or hub ids (any layout `load_sae` reads), in fp32 eval mode."""
+def load_saes(paths: dict[str, str], device: str | torch.device = "cpu",
+              layers: dict[str, int] | None = None) -> dict[str, SAE]:
+    """SAEs by id from checkpoint paths or hub ids (any layout `load_sae` reads), in fp32 eval mode.
+
+    `layers` sets the block of SAEs whose checkpoint does not say (the paper's releases leave it empty).
+    """
     from sae_modules.formats import load_sae
 
-    return {sae_id: load_sae(path, device=device).float().eval() for sae_id, path in paths.items()}
+    saes = {sae_id: load_sae(path, device=device).float().eval() for sae_id, path in paths.items()}
+    for sae_id, layer in (layers or {}).items():
+        if sae_id not in saes:
+            raise EngineLoadError(f"a layer is given for SAE {sae_id!r}, which is not loaded ({sorted(saes)})")
+        cfg = saes[sae_id].cfg
+        saes[sae_id].cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"layer": layer})})
+    return saes

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -92,7 +93,7 @@ class VisionSteerer:
             for sae_id, items in groups.items():
                 plan = _Plan(self.saes[sae_id], items, [specs[i] for i in items])
                 start = time.perf_counter()
-                with replace_block_output(self.blocks[self.block_index[sae_id]], lambda h: self._edit(plan, h)):
+                with replace_block_output(self.blocks[self.block_index[sae_id]], partial(self._edit, plan)):
                     features = self._image_features(pixel_values[items])
                 elapsed = time.perf_counter() - start
                 outputs: dict[int, dict[str, Tensor]] = defaultdict(dict)

@@ -83,13 +83,13 @@ class TransformersGenerator:
         ids = [self.prompt_ids(r) for r in requests]
         embeds, attention = self._inputs(ids, [r.image_embeds for r in requests])
         params = requests[0].params
-        kwargs = dict(
-            inputs_embeds=embeds,
-            attention_mask=attention,
-            max_new_tokens=max(r.params.max_tokens for r in requests),
-            pad_token_id=self._pad_id(),
-            do_sample=params.temperature > 0,
-        )
+        kwargs = {
+            "inputs_embeds": embeds,
+            "attention_mask": attention,
+            "max_new_tokens": max(r.params.max_tokens for r in requests),
+            "pad_token_id": self._pad_id(),
+            "do_sample": params.temperature > 0,
+        }
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=None)
         if params.stop:
