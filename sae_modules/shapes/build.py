@@ -1,0 +1,120 @@
+"""The whole demo rebuild: CLIP tower -> projector alignment -> instruction tuning -> SAE -> manifest.
+
+Deterministic for a given recipe on a given CPU type (fixed threads, deterministic kernels,
+seeded streams); the result lands in `out/model`, `out/sae` and `out/MANIFEST.json`, each swapped
+in only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from sae_modules.shapes.builder import build_llava, build_processor, build_tokenizer
+from sae_modules.shapes.evaluate import HELD_OUT_SEED, answer_accuracy
+from sae_modules.shapes.manifest import write_manifest
+from sae_modules.shapes.prompts import vocabulary
+from sae_modules.shapes.recipe import Recipe, make_deterministic
+from sae_modules.shapes.stage_align import align_projector
+from sae_modules.shapes.stage_clip import train_clip
+from sae_modules.shapes.stage_instruct import instruct
+from sae_modules.shapes.stage_sae import SAE_LAYER, train_demo_sae
+
+REBUILD_COMMAND = "make demo-model"
+
+
+def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = True) -> dict:
+    """Train the demo LLaVA and its SAE into `out`; returns the manifest record."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous_threads = torch.get_num_threads()
+    make_deterministic(recipe)
+    timings: dict[str, float] = {}
+    figures: dict[str, float] = {}
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    try:
+        processor = build_processor(build_tokenizer(vocabulary()), recipe.image_size, recipe.patch_size)
+        tick = time.perf_counter()
+        tower, stats = train_clip(recipe, processor, progress)
+        figures |= stats
+        timings["clip"] = time.perf_counter() - tick
+
+        model = build_llava(processor, vision=recipe.vision, text=recipe.text, vision_feature_layer=SAE_LAYER, seed=recipe.seed)
+        model.model.vision_tower.load_state_dict(tower.state_dict())
+        tick = time.perf_counter()
+        figures |= align_projector(model, processor, recipe, progress)
+        timings["align"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        figures |= instruct(model, processor, recipe, progress)
+        timings["instruct"] = time.perf_counter() - tick
+
+        def save_model(staging: Path) -> None:
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+
+        replace_dir(out / "model", save_model)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".sae-work-") as work:
+            tick = time.perf_counter()
+            trained = train_demo_sae(out / "model", Path(work), recipe, progress)
+            replace_dir(out / "sae", lambda staging: _copy_files(trained, staging))
+            timings["sae"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        loaded = LlavaForConditionalGeneration.from_pretrained(out / "model").eval()
+        accuracy = answer_accuracy(
+            loaded, AutoProcessor.from_pretrained(out / "model"), count=eval_images, world_size=recipe.world_size,
+            progress=progress,
+        )  # fmt: skip
+        timings["evaluate"] = time.perf_counter() - tick
+    finally:
+        torch.set_num_threads(previous_threads)
+    record = {
+        "format": "vlm-steer-demo/1",
+        "seed": recipe.seed,
+        "command": REBUILD_COMMAND,
+        "recipe": recipe.to_dict(),
+        "sae_layer": SAE_LAYER,
+        "accuracy": {"held_out_seed": HELD_OUT_SEED, "images": eval_images, **accuracy},
+        "training": figures,
+        "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 1)},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": recipe.threads,
+            "load_average_start": round(load_before, 2),
+            "load_average_end": round(os.getloadavg()[0], 2),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+    }
+    write_manifest(out, record)
+    return record
+
+
+def _copy_files(source: Path, staging: Path) -> None:
+    for path in source.iterdir():
+        shutil.copy2(path, staging / path.name)
+
+
+def replace_dir(target: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a sibling staging folder, then swap it in: `target` is always the old or the new whole folder."""
+    tag = uuid.uuid4().hex[:12]
+    staging, retired = target.parent / f".{target.name}.tmp-{tag}", target.parent / f".{target.name}.old-{tag}"
+    staging.mkdir(parents=True)
+    try:
+        fill(staging)
+        if target.exists():
+            os.rename(target, retired)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
