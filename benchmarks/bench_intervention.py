@@ -3,7 +3,7 @@
 CLIP ViT-L/14-336 with random weights (24 blocks, 1024 wide, 577 tokens), LLaVA-1.5's projector
 (1024 -> 4096 -> 4096), a 65,536-latent BatchTopK SAE at block 22 (`vision_feature_layer=-2`),
 one pinned latent on every token. Both edit modes are timed against the unsteered image features
-in the same process, interleaved, and the medians compared:
+in the same process, interleaved, and the medians compared (CPU: process CPU time; CUDA: wall time):
 - error-preserving fast path (encodes only the pinned latent), goal <= 1.02;
 - paper mode (full encode, sparse decode of the edited reconstruction), goal <= 1.3.
 Statistics are off (`want_stats=False`): they cost a full encode and are not part of the edit.
@@ -47,14 +47,15 @@ class Shapes:
         return CLIPVisionConfig(image_size=self.image_size, **{**base, **(self.vision or {})})
 
 
-def build_model(shapes: Shapes) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5's tower and projector; a one-block stand-in language model (never run here)."""
+def build_model(shapes: Shapes, device: torch.device) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5's tower and projector (fp16 on GPU); a one-block stand-in language model, never run here."""
     text = LlamaConfig(hidden_size=shapes.text_hidden, intermediate_size=256, num_hidden_layers=1,
                        num_attention_heads=max(1, shapes.text_hidden // 128), vocab_size=512)
     config = LlavaConfig(vision_config=shapes.vision_config(), text_config=text, image_token_index=511,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return LlavaForConditionalGeneration(config).to(device, dtype).eval()
 
 
 def build_bench_sae(steerer: VisionSteerer, pixels: torch.Tensor, shapes: Shapes, layer: int) -> SAE:
@@ -62,7 +63,7 @@ def build_bench_sae(steerer: VisionSteerer, pixels: torch.Tensor, shapes: Shapes
     d_in = steerer.model.config.vision_config.hidden_size
     cfg = SAEConfig(architecture="batchtopk", d_in=d_in, n_latents=shapes.n_latents, k=TARGET_L0,
                     source=SourceInfo(layer=layer))
-    sae = build_sae(cfg).eval()
+    sae = build_sae(cfg).to(steerer.device).eval()
     sample = steerer.block_output(pixels[:1], layer)[0, :: max(1, steerer.n_tokens // 32)].float()
     pre = sae.pre_acts(sample)
     kth = pre.numel() - TARGET_L0 * sample.shape[0]
@@ -70,18 +71,28 @@ def build_bench_sae(steerer: VisionSteerer, pixels: torch.Tensor, shapes: Shapes
     return sae
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
+def _seconds(fn, device: torch.device) -> float:
+    """CUDA: wall time after a sync. CPU: this process's CPU time, which other jobs on a shared machine
+    barely disturb (wall time there swings by 2x between repeats)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+    start = time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
-def measure(shapes: Shapes, batches: tuple[int, ...], repeats: int, layer: int = SAE_LAYER) -> list[dict]:
+def measure(shapes: Shapes, batches: tuple[int, ...], repeats: int, layer: int = SAE_LAYER,
+            device: torch.device | None = None) -> list[dict]:
     """Median seconds of baseline, fast path and paper mode per batch size, and their ratios."""
-    model = build_model(shapes)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(shapes, device)
     steerer = VisionSteerer(model, {})
     image = shapes.image_size
-    probe = torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(0)).to(device)
     sae = build_bench_sae(steerer, probe, shapes, layer)
     steerer = VisionSteerer(model, {"bench": sae})
     pin = [Intervention(latent=39, mode="pin", value=40.0)]
@@ -92,6 +103,7 @@ def measure(shapes: Shapes, batches: tuple[int, ...], repeats: int, layer: int =
     rows = []
     for batch in batches:
         pixels = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(batch))
+        pixels = pixels.to(device, next(model.parameters()).dtype)
         runs = {
             "baseline": partial(model.get_image_features, pixel_values=pixels),
             **{name: partial(steerer.steer, pixels, [spec] * batch) for name, spec in modes.items()},
@@ -102,7 +114,7 @@ def measure(shapes: Shapes, batches: tuple[int, ...], repeats: int, layer: int =
                 run()
             for _ in range(repeats):
                 for name, run in runs.items():
-                    times[name].append(_seconds(run))
+                    times[name].append(_seconds(run, device))
         median = {name: statistics.median(values) for name, values in times.items()}
         rows.append({"batch": batch, **{f"{k}_s": v for k, v in median.items()},
                      "fast_ratio": median["fast"] / median["baseline"],
@@ -116,8 +128,9 @@ def main() -> None:
     default_batches = "1,4" if small else "1,8"
     batches = tuple(int(b) for b in os.environ.get("BENCH_BATCHES", default_batches).split(","))
     repeats = int(os.environ.get("BENCH_REPEATS", "3"))
+    device = "cuda (wall s)" if torch.cuda.is_available() else f"cpu (process CPU s, {torch.get_num_threads()} threads)"
     print(f"CLIP ViT-L/14 at {shapes.image_size}px, {shapes.n_latents} latents at block {SAE_LAYER}, "
-          f"{torch.get_num_threads()} threads, {repeats} repeats (medians)")
+          f"{device}, {repeats} repeats (medians)")
     print(f"{'batch':>5} {'baseline s':>11} {'fast s':>9} {'paper s':>9} {'fast ratio':>11} {'paper ratio':>12}")
     for row in measure(shapes, batches, repeats):
         print(f"{row['batch']:>5} {row['baseline_s']:>11.3f} {row['fast_s']:>9.3f} {row['paper_s']:>9.3f} "

@@ -189,8 +189,11 @@ def test_sae_that_does_not_fit_is_refused_at_load(tiny_llava_dir, tmp_path, kwar
     assert info.value.field == field
 
 
-def test_sae_trained_on_the_same_model_attaches(tiny_llava_dir, tmp_path):
-    path = save_sae(make_sae("batchtopk", 1, model_id=str(tiny_llava_dir)), tmp_path / "ok")
+@pytest.mark.parametrize("model_id", ["{model}", "/elsewhere/when/trained/llava", "org/tiny_llava0"])
+def test_sae_trained_on_this_model_or_a_local_copy_attaches(tiny_llava_dir, tmp_path, model_id):
+    """A hub id attaches by its name; a directory recorded on the training machine is not compared."""
+    model_id = model_id.format(model=tiny_llava_dir).replace("tiny_llava0", tiny_llava_dir.name)
+    path = save_sae(make_sae("batchtopk", 1, model_id=model_id), tmp_path / "ok")
     assert SteeringEngine.load(str(tiny_llava_dir), {"ok": str(path)}).sae_ids == ["ok"]
 
 

@@ -2,7 +2,8 @@
 
 An SAE fits when its d_in is the tower's width, its layer is a block whose output reaches the
 projector (at or below `vision_feature_layer`), and the model it was trained on is this model's
-vision tower (checked by name where the SAE records one).
+vision tower (checked by name where the SAE records a hub id; a local directory recorded at training
+time names a path on another machine, so only the width and the block are checked then).
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def tower_names(model_name: str, model: nn.Module) -> set[str]:
     return names | {Path(name).name for name in names}
 
 
+def is_local_path(name: str) -> bool:
+    """A directory name recorded on the machine that trained the SAE: it says nothing about the model here."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or Path(name).exists()
+
+
 def feature_block(model: nn.Module) -> int:
     """The deepest block whose output LLaVA's projector reads (`vision_feature_layer` is a hidden-state index)."""
     n_blocks = len(vision_blocks(model))
@@ -107,7 +113,7 @@ def check_sae_fits(model: nn.Module, model_name: str, sae: SAE, sae_id: str) -> 
             "its edits could not reach the language model", "layer")
     source = sae.cfg.source.model_id
     names = tower_names(model_name, model)
-    if source is not None and source not in names and Path(source).name not in names:
+    if source is not None and not is_local_path(source) and source not in names and Path(source).name not in names:
         raise SAEMismatchError(
             f"SAE {sae_id!r} was trained on {source!r}, not on this model's vision tower ({sorted(names)})", "model")
 
