@@ -1,37 +1,68 @@
 """The browser playground at /ui: static files shipped in the package, the example images, and
-(when configured) the latent browser's report, so top images appear beside latents."""
+(when configured) the latent browser's site, so each active latent shows its top images.
+
+Everything here is public and read-only: the page holds no secret and speaks to the API with the
+key the user types, so the guard leaves `/ui` open while `/v1/` stays protected. Both folders are
+operator settings, never request input; StaticFiles refuses paths that climb out of them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+from service.config import ConfigError
+
 STATIC_DIR = Path(__file__).parent / "static"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+CHECKOUT_EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+"""`examples/` at the root of a source checkout: the shipped example images (absent from a wheel)."""
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+BROWSER_SUBDIR = "browser"
+"""Where `vlm-steer evaluate` puts the latent browser inside its output folder."""
+
+
+def _folder(path: Path | None, setting: str) -> Path | None:
+    if path is None:
+        return None
+    if not path.is_dir():
+        raise ConfigError(f"{setting}: {path} is not a directory")
+    return path
+
+
+def browser_dir(report_dir: Path) -> Path:
+    """The latent browser's folder: `report_dir` itself, or its `browser/` when given an evaluate output."""
+    nested = report_dir / BROWSER_SUBDIR
+    return nested if nested.is_dir() else report_dir
 
 
 def mount_ui(app: FastAPI, examples_dir: Path | None, report_dir: Path | None) -> None:
-    """Serve the playground. Neither folder comes from a request: both are operator settings."""
-    examples = sorted(p for p in examples_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if examples_dir else []
-    by_name = {p.name: p for p in examples}
+    """Serve the playground; `examples_dir` None means the checkout's `examples/` when there is one."""
+    examples = _folder(examples_dir, "ui_examples_dir")
+    if examples is None and CHECKOUT_EXAMPLES_DIR.is_dir():
+        examples = CHECKOUT_EXAMPLES_DIR
+    report = _folder(report_dir, "report_dir")
 
     @app.get("/ui", include_in_schema=False)
-    def ui_root() -> RedirectResponse:
-        return RedirectResponse("/ui/")
+    def ui_root(request: Request) -> RedirectResponse:
+        # Relative, so it keeps a Ray Serve route prefix; the query carries ?latent=K from the browser.
+        query = request.url.query
+        return RedirectResponse("ui/" + (f"?{query}" if query else ""))
 
     @app.get("/ui/examples.json", include_in_schema=False)
     def ui_examples() -> list[dict[str, str]]:
-        return [{"name": p.stem, "url": f"/ui/examples/{p.name}"} for p in examples]
+        """The example images, listed on each call so files added while serving appear."""
+        if examples is None:
+            return []
+        names = sorted(
+            p.name for p in examples.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        return [{"name": Path(name).stem, "url": f"examples/{name}"} for name in names]
 
-    @app.get("/ui/examples/{name}", include_in_schema=False)
-    def ui_example(name: str) -> FileResponse:
-        if name not in by_name:
-            raise HTTPException(404, f"no example image named {name!r}")
-        return FileResponse(by_name[name])
-
-    if report_dir is not None and report_dir.is_dir():
-        app.mount("/ui/report", StaticFiles(directory=report_dir), name="ui-report")
-    app.mount("/ui/", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
+    if examples is not None:
+        app.mount("/ui/examples", StaticFiles(directory=examples), name="ui-examples")
+    if report is not None:
+        app.mount("/ui/report", StaticFiles(directory=browser_dir(report)), name="ui-report")
+    app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")

@@ -1,5 +1,6 @@
-"""Write the latent browser: index.html (data inlined, since file:// pages cannot fetch), its
-script and stylesheet, and a grid PNG of each shown latent's top images. Opens offline; no CDN."""
+"""Write the latent browser: index.html (data inlined, since file:// pages cannot fetch), the same
+data as latents.json, its script and stylesheet, and a grid PNG of each shown latent's top images.
+Opens offline; no CDN."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from sae_modules.evaluation.errors import EvaluationError
 
 ASSETS = ("app.js", "style.css")
 GRID_DIR = "grids"
+DATA_JSON = "latents.json"
+"""The page's data as a file too, for readers that fetch it (the service's /ui playground)."""
 
 
 class LatentCard(BaseModel):
@@ -64,6 +67,7 @@ def write_site(out: str | Path, cards: list[LatentCard], top_images: dict[int, l
     fills = {"TITLE": _html_escape(title), "DATA": blob}
     page = re.sub(r"\{\{(TITLE|DATA)\}\}", lambda m: fills[m.group(1)], (assets / "index.html").read_text())
     (out / "index.html").write_text(page)
+    (out / DATA_JSON).write_text(json.dumps(data, allow_nan=False))
     for name in ASSETS:
         with (assets / name).open("rb") as src, (out / name).open("wb") as dst:
             shutil.copyfileobj(src, dst)

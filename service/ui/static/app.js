@@ -1,9 +1,12 @@
-// vlm-steer playground: plain JS, no build step, no CDN. It speaks the public HTTP API only,
-// and shows the exact request it sent so users can copy it into code.
+// vlm-steer playground: plain JS, no build step, no CDN. It speaks the public HTTP API only, with
+// URLs relative to the page (so a Ray Serve route prefix just works), and shows the exact request
+// body it sent so users can copy it into code.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { image: null, saes: [], lastRequest: null, tab: "json", report: null };
+const API_BASE = new URL("../", window.location.href); // the page lives at {service}/ui/
+const KEY_STORAGE = "vlm-steer-api-key";
+const state = { image: null, lastRequest: null, tab: "json", report: null };
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -12,22 +15,32 @@ function headers() {
   return h;
 }
 
+// Errors read exactly as the API words them: "<status> <type>: <message> (param <field>)".
 async function api(method, path, body) {
-  const resp = await fetch(path, { method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body) });
+  const resp = await fetch(new URL(path, API_BASE), {
+    method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body),
+  });
   let data = null;
-  try { data = await resp.json(); } catch (_) { /* non-JSON body: reported below */ }
+  try { data = await resp.json(); } catch (_) { data = null; }
   if (!resp.ok) {
-    const err = data && data.error ? data.error : { message: `HTTP ${resp.status}`, type: "http_error" };
-    const where = err.param ? ` (${err.param})` : "";
-    throw new Error(`${resp.status} ${err.type}: ${err.message}${where}`);
+    const err = data && data.error ? data.error : { type: "http_error", message: resp.statusText || "no JSON body" };
+    throw new Error(`${resp.status} ${err.type}: ${err.message}` + (err.param ? ` (param ${err.param})` : ""));
   }
   return data;
 }
 
+const fmt = (x, digits) => (x === null || x === undefined ? "n/a" : Number(x).toFixed(digits));
+
+function el(tag, props = {}, children = []) {
+  const node = Object.assign(document.createElement(tag), props);
+  for (const child of children) node.append(child);
+  return node;
+}
+
 function showError(message) {
-  const el = $("#error");
-  el.textContent = message || "";
-  el.hidden = !message;
+  const box = $("#error");
+  box.textContent = message || "";
+  box.hidden = !message;
 }
 
 function blobToDataUrl(blob) {
@@ -41,60 +54,67 @@ function blobToDataUrl(blob) {
 
 async function selectImage(dataUrl) {
   state.image = dataUrl;
-  const preview = $("#preview");
-  preview.src = dataUrl;
-  preview.hidden = false;
+  $("#preview").src = dataUrl;
+  $("#preview").hidden = false;
   await refreshLatents();
 }
 
 async function loadExamples() {
-  const examples = await api("GET", "/ui/examples.json");
+  const resp = await fetch("examples.json");
+  const examples = resp.ok ? await resp.json() : [];
   const box = $("#examples");
+  box.replaceChildren();
+  $("#no-examples").hidden = examples.length > 0;
   for (const ex of examples) {
-    const btn = document.createElement("button");
-    btn.type = "button";
-    btn.title = ex.name;
+    const btn = el("button", { type: "button", title: ex.name }, [el("img", { alt: ex.name, src: ex.url })]);
     btn.dataset.name = ex.name;
-    btn.innerHTML = `<img alt="${ex.name}" src="${ex.url}">`;
     btn.addEventListener("click", async () => {
       box.querySelectorAll("button").forEach((b) => b.classList.remove("selected"));
       btn.classList.add("selected");
-      const blob = await (await fetch(ex.url)).blob();
-      await selectImage(await blobToDataUrl(blob));
+      await selectImage(await blobToDataUrl(await (await fetch(ex.url)).blob()));
     });
-    box.appendChild(btn);
+    box.append(btn);
   }
 }
 
 async function loadSaes() {
-  const body = await api("GET", "/v1/saes");
-  state.saes = body.data;
+  const body = await api("GET", "v1/saes");
   const select = $("#sae");
-  select.innerHTML = "";
-  for (const sae of state.saes) {
-    const opt = document.createElement("option");
-    opt.value = sae.id;
-    opt.textContent = `${sae.id} (layer ${sae.layer}, ${sae.n_latents} latents)`;
-    if (sae.default) opt.selected = true;
-    select.appendChild(opt);
+  const previous = select.value;
+  select.replaceChildren();
+  for (const sae of body.data) {
+    const opt = el("option", { value: sae.id, textContent: `${sae.id} (layer ${sae.layer}, ${sae.n_latents} latents, ${sae.architecture})` });
+    opt.selected = previous ? sae.id === previous : sae.default;
+    select.append(opt);
   }
 }
 
+// The latent browser's latents.json (written by `vlm-steer evaluate`), when the service mounts a report.
 async function loadReport() {
-  try { state.report = await api("GET", "/ui/report/latents.json"); } catch (_) { state.report = null; }
+  const resp = await fetch("report/latents.json");
+  if (!resp.ok) return;
+  const data = await resp.json();
+  state.report = new Map(data.latents.map((card) => [card.latent, card]));
+  $("#report-link").hidden = false;
 }
 
 function addIntervention(spec = {}) {
   const row = $("#intervention-row").content.firstElementChild.cloneNode(true);
+  const value = spec.value ?? 20;
+  const slider = row.querySelector(".value-slider");
+  const number = row.querySelector(".value");
   row.querySelector(".latent").value = spec.latent ?? 0;
   row.querySelector(".mode").value = spec.mode ?? "pin";
-  row.querySelector(".value").value = spec.value ?? 20;
-  row.querySelector(".value-slider").value = spec.value ?? 20;
   row.querySelector(".tokens").value = spec.tokens ?? "all";
-  row.querySelector(".value-slider").addEventListener("input", (e) => { row.querySelector(".value").value = e.target.value; });
-  row.querySelector(".value").addEventListener("input", (e) => { row.querySelector(".value-slider").value = e.target.value; });
+  const bound = Math.max(50, Math.ceil(Math.abs(value) * 2));
+  slider.min = -bound;
+  slider.max = bound;
+  slider.value = value;
+  number.value = value;
+  slider.addEventListener("input", () => { number.value = slider.value; });
+  number.addEventListener("input", () => { slider.value = number.value; });
   row.querySelector(".remove").addEventListener("click", () => row.remove());
-  $("#interventions").appendChild(row);
+  $("#interventions").append(row);
 }
 
 function interventions() {
@@ -106,34 +126,36 @@ function interventions() {
   }));
 }
 
+// A strong pin: twice the latent's largest value in the report, else four times its value here.
+function suggestedPin(latent, value) {
+  const card = state.report && state.report.get(latent);
+  const strong = card && card.max > 0 ? 2 * card.max : 4 * value;
+  return Math.max(1, Math.round(strong * 2) / 2);
+}
+
 async function refreshLatents() {
   if (!state.image) return;
   const list = $("#latents");
-  list.innerHTML = "";
+  list.replaceChildren();
   $("#latents-hint").textContent = "Encoding…";
   try {
-    const res = await api("POST", "/v1/encode", {
-      image: state.image, sae: $("#sae").value, top_k: 10,
+    const res = await api("POST", "v1/encode", {
+      image: state.image, sae: $("#sae").value || null, top_k: Number($("#top-k").value),
       tokens: $("#encode-tokens").value, reduce: $("#encode-reduce").value,
     });
-    $("#latents-hint").textContent = `L0 ${res.l0.toFixed(1)} per token, FVU ${res.fvu.toFixed(3)}. Click "pin" to steer with a latent.`;
+    $("#latents-hint").textContent = `SAE ${res.sae}: L0 ${fmt(res.l0, 1)} active latents per token, FVU ${fmt(res.fvu, 3)}.`;
     for (const { latent, value } of res.latents) {
-      const li = document.createElement("li");
-      li.innerHTML = `latent <b>${latent}</b> = ${value.toFixed(3)}`;
-      const pin = document.createElement("button");
-      pin.type = "button";
-      pin.textContent = "pin";
-      pin.addEventListener("click", () => addIntervention({ latent, mode: "pin", value: Math.max(10, Math.round(value * 4)) }));
-      li.appendChild(pin);
-      const tops = state.report && state.report.latents && state.report.latents[String(latent)];
-      if (tops && tops.grid) {
-        const img = document.createElement("img");
-        img.className = "tops";
-        img.alt = `top images of latent ${latent}`;
-        img.src = "/ui/report/" + tops.grid;
-        li.appendChild(img);
+      const pin = el("button", { type: "button", className: "pin", textContent: "pin" });
+      pin.addEventListener("click", () => addIntervention({ latent, mode: "pin", value: suggestedPin(latent, value) }));
+      const li = el("li", {}, [el("span", { className: "latent-id", textContent: `latent ${latent}` }), ` = ${fmt(value, 3)}`, pin]);
+      li.dataset.latent = latent;
+      const card = state.report && state.report.get(latent);
+      if (card && card.grid) {
+        const ms = card.ms === null ? "" : `, MS ${fmt(card.ms, 2)}`;
+        li.append(el("img", { className: "tops", src: "report/" + card.grid, alt: `top images of latent ${latent}`,
+          title: `top images of latent ${latent} (${card.level}${ms})` }));
       }
-      list.appendChild(li);
+      list.append(li);
     }
   } catch (e) {
     $("#latents-hint").textContent = e.message;
@@ -144,7 +166,7 @@ function buildRequest() {
   return {
     prompt: $("#prompt").value,
     image: state.image,
-    sae: $("#sae").value,
+    sae: $("#sae").value || null,
     interventions: interventions(),
     types: ["STEERED", "DEFAULT"],
     use_error_term: document.querySelector("input[name=edit-mode]:checked").value === "error",
@@ -153,33 +175,56 @@ function buildRequest() {
   };
 }
 
+// A Python literal for a JSON value (JSON strings are valid Python strings).
+function toPython(value, indent = "") {
+  if (value === null) return "None";
+  if (value === true) return "True";
+  if (value === false) return "False";
+  if (typeof value !== "object") return JSON.stringify(value);
+  const inner = indent + "    ";
+  if (Array.isArray(value)) {
+    if (!value.length) return "[]";
+    return "[\n" + value.map((v) => inner + toPython(v, inner)).join(",\n") + ",\n" + indent + "]";
+  }
+  const items = Object.entries(value).map(([k, v]) => `${inner}${JSON.stringify(k)}: ${toPython(v, inner)}`);
+  return items.length ? "{\n" + items.join(",\n") + ",\n" + indent + "}" : "{}";
+}
+
 function renderRequest() {
   const req = state.lastRequest;
-  const pre = $("#request-json");
+  const pre = $("#request-code");
+  $("#copy").hidden = !req;
   if (!req) { pre.textContent = ""; return; }
   const json = JSON.stringify(req, null, 2);
-  const origin = window.location.origin;
-  const auth = $("#api-key").value.trim() ? ` \\\n  -H "Authorization: Bearer $VLM_STEER_API_KEY"` : "";
+  const url = new URL("v1/steer", API_BASE).href;
+  const keyed = Boolean($("#api-key").value.trim());
   if (state.tab === "json") pre.textContent = json;
-  if (state.tab === "curl") pre.textContent = `curl -s ${origin}/v1/steer -H "Content-Type: application/json"${auth} \\\n  -d @- <<'JSON'\n${json}\nJSON`;
-  if (state.tab === "python") pre.textContent =
-    `import httpx\n\nrequest = ${json.replace(/\btrue\b/g, "True").replace(/\bfalse\b/g, "False").replace(/\bnull\b/g, "None")}\n` +
-    `headers = {${auth ? '"Authorization": "Bearer " + API_KEY' : ""}}\n` +
-    `response = httpx.post("${origin}/v1/steer", json=request, headers=headers, timeout=120)\nprint(response.json())`;
-  pre.dataset.request = json;
+  if (state.tab === "curl") {
+    const auth = keyed ? ' \\\n  -H "Authorization: Bearer $VLM_STEER_KEY"' : "";
+    pre.textContent = `curl -s ${url} -H "Content-Type: application/json"${auth} \\\n  -d @- <<'JSON'\n${json}\nJSON`;
+  }
+  if (state.tab === "python") {
+    const auth = keyed ? '{"Authorization": "Bearer " + os.environ["VLM_STEER_KEY"]}' : "{}";
+    pre.textContent = `import os\n\nimport httpx\n\nrequest = ${toPython(req)}\n` +
+      `response = httpx.post(${JSON.stringify(url)}, json=request, headers=${auth}, timeout=120)\n` +
+      `print(response.json())`;
+  }
+}
+
+function metricRows(res) {
+  const m = res.metrics;
+  const rows = [["model / SAE", `${res.model} / ${res.sae}`], ["L0 (active latents per token)", fmt(m.sae.l0, 2)],
+    ["FVU", fmt(m.sae.fvu, 4)]];
+  if (m.embed_cosine !== null && m.embed_cosine !== undefined) rows.push(["embedding cosine, steered vs default", fmt(m.embed_cosine, 4)]);
+  for (const l of m.sae.latents) rows.push([`latent ${l.latent} before → after`, `${fmt(l.before, 3)} → ${fmt(l.after, 3)}`]);
+  for (const out of res.outputs) rows.push([`${out.type} tokens (prompt + completion)`, `${out.usage.prompt_tokens} + ${out.usage.completion_tokens}, ${out.finish_reason}`]);
+  for (const [stage, s] of Object.entries(m.timings_s)) rows.push([`${stage} time`, `${(s * 1000).toFixed(1)} ms`]);
+  return rows;
 }
 
 function renderResults(res) {
-  for (const out of res.outputs) {
-    const el = out.type === "STEERED" ? $("#out-steered") : $("#out-default");
-    el.textContent = out.text;
-  }
-  const m = res.metrics;
-  const rows = [["L0 (per token)", m.sae.l0.toFixed(2)], ["FVU", m.sae.fvu.toFixed(4)]];
-  if (m.embed_cosine !== null && m.embed_cosine !== undefined) rows.push(["embedding cosine (steered vs default)", m.embed_cosine.toFixed(4)]);
-  for (const l of m.sae.latents) rows.push([`latent ${l.latent} before → after`, `${l.before.toFixed(3)} → ${l.after.toFixed(3)}`]);
-  for (const [stage, s] of Object.entries(m.timings_s)) rows.push([`${stage} (s)`, s.toFixed(4)]);
-  $("#metrics").innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join("");
+  for (const out of res.outputs) (out.type === "STEERED" ? $("#out-steered") : $("#out-default")).textContent = out.text;
+  $("#metrics").replaceChildren(...metricRows(res).map(([k, v]) => el("tr", {}, [el("th", { textContent: k }), el("td", { textContent: v })])));
 }
 
 async function run() {
@@ -190,27 +235,40 @@ async function run() {
   renderRequest();
   $("#out-steered").textContent = "…";
   $("#out-default").textContent = "…";
+  $("#metrics").replaceChildren();
+  $("#run").disabled = true;
   try {
-    renderResults(await api("POST", "/v1/steer", req));
+    renderResults(await api("POST", "v1/steer", req));
   } catch (e) {
     $("#out-steered").textContent = "—";
     $("#out-default").textContent = "—";
     showError(e.message);
+  } finally {
+    $("#run").disabled = false;
+  }
+}
+
+async function connect() {
+  try {
+    await loadSaes();
+    showError("");
+    await refreshLatents();
+  } catch (e) {
+    showError(e.message + (e.message.startsWith("401") ? " — enter the API key at the top." : ""));
   }
 }
 
 function wire() {
-  $("#api-key").value = localStorage.getItem("vlm-steer-api-key") || "";
-  $("#api-key").addEventListener("change", (e) => {
-    localStorage.setItem("vlm-steer-api-key", e.target.value);
-    showError("");
-    loadSaes().then(refreshLatents).catch((err) => showError(err.message));
+  const key = $("#api-key");
+  key.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  key.addEventListener("change", () => {
+    sessionStorage.setItem(KEY_STORAGE, key.value.trim());
+    renderRequest();
+    connect();
   });
   $("#add-intervention").addEventListener("click", () => addIntervention());
   $("#run").addEventListener("click", run);
-  $("#sae").addEventListener("change", refreshLatents);
-  $("#encode-tokens").addEventListener("change", refreshLatents);
-  $("#encode-reduce").addEventListener("change", refreshLatents);
+  for (const id of ["#sae", "#top-k", "#encode-tokens", "#encode-reduce"]) $(id).addEventListener("change", refreshLatents);
   $("#file").addEventListener("change", async (e) => { if (e.target.files[0]) await selectImage(await blobToDataUrl(e.target.files[0])); });
   const drop = $("#drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -220,23 +278,28 @@ function wire() {
     drop.classList.remove("over");
     if (e.dataTransfer.files[0]) await selectImage(await blobToDataUrl(e.dataTransfer.files[0]));
   });
-  document.querySelectorAll(".tabs button").forEach((b) => b.addEventListener("click", () => {
-    document.querySelectorAll(".tabs button").forEach((x) => x.classList.remove("active"));
-    b.classList.add("active");
+  document.querySelectorAll(".tabs button[data-tab]").forEach((b) => b.addEventListener("click", () => {
+    document.querySelectorAll(".tabs button[data-tab]").forEach((x) => x.classList.toggle("active", x === b));
     state.tab = b.dataset.tab;
     renderRequest();
   }));
+  $("#copy").addEventListener("click", async () => {
+    const text = $("#request-code").textContent;
+    try { await navigator.clipboard.writeText(text); $("#copy").textContent = "copied"; } catch (_) {
+      window.getSelection().selectAllChildren($("#request-code"));
+      $("#copy").textContent = "selected: press Ctrl+C";
+    }
+    setTimeout(() => { $("#copy").textContent = "copy"; }, 1500);
+  });
 }
 
 async function main() {
   wire();
   const latent = new URLSearchParams(window.location.search).get("latent");
   if (latent !== null && /^\d+$/.test(latent)) addIntervention({ latent: Number(latent), mode: "pin", value: 20 });
-  try {
-    await Promise.all([loadSaes(), loadExamples(), loadReport()]);
-  } catch (e) {
-    showError(e.message + (e.message.startsWith("401") ? " — enter the API key above." : ""));
-  }
+  const loaded = await Promise.allSettled([loadExamples(), loadReport(), connect()]);
+  const failed = loaded.find((r) => r.status === "rejected");
+  if (failed) showError(String(failed.reason && failed.reason.message || failed.reason));
   document.body.dataset.ready = "1";
 }
 
