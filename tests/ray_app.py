@@ -20,13 +20,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_serve(num_cpus: int = 2) -> Iterator[str]:
-    """Start Ray and Serve; yield the proxy's base URL (deploy apps with `service.serve_cli.run_app`)."""
+def local_serve(num_cpus: int = 2, dashboard: bool = False) -> Iterator[str]:
+    """Start Ray and Serve; yield the proxy's base URL (deploy apps with `service.serve_cli.run_app`).
+
+    `dashboard` starts Ray's dashboard on a free port: the state API (`ray.util.state`) needs it."""
     import ray
     from ray import serve
 
     ray_dir = tempfile.mkdtemp(prefix="vs", dir="/tmp")
-    ray.init(_temp_dir=ray_dir, include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
+    ray.init(_temp_dir=ray_dir, include_dashboard=dashboard, dashboard_port=free_port() if dashboard else None,
+             num_cpus=num_cpus, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
