@@ -7,11 +7,13 @@ directory so that later commands (taxonomy, report) reuse it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from torch import Tensor
 
 from sae_modules.activations.errors import ExtractError
 from sae_modules.activations.images import FolderImages
@@ -27,6 +29,7 @@ from sae_modules.evaluation.plots import histogram
 from sae_modules.evaluation.reconstruction import reconstruction_metrics
 from sae_modules.evaluation.report import evaluate_encoded, write_report
 from sae_modules.evaluation.sources import SafetensorsBatches
+from sae_modules.evaluation.steering_score import PAPER_VALUE, Answer, prototypes, steering_score
 from sae_modules.evaluation.taxonomy import by_level, csv_taxonomy, folder_taxonomy, latent_depths
 from sae_modules.formats.detect import load_sae
 from sae_modules.formats.errors import CheckpointError
@@ -201,3 +204,66 @@ def report(
         raise _fail(err) from None
     Console(stderr=True).print(f"report -> {out / 'report.md'}; MS {result.ms_mean} ± {result.ms_std} "
                                f"over {result.n_live} latents")
+
+
+AnswerFactory = Callable[[str, str, str], Answer]
+"""(model, sae, device) -> answer(image, latent, value): built by the serving side, which owns generation."""
+
+
+def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
+    """The `steering` command, bound to a way of generating; service/cli.py registers it with the engine's."""
+
+    def steering(
+        encoded: Annotated[Path, typer.Option(help="Encoded directory of the SAE (gives each latent's top images).")],
+        clip: Annotated[str, typer.Option(help="CLIP with a text tower: clip:PATH or open_clip:ARCH@WEIGHTS.")],
+        model: Annotated[str, typer.Option(help="The vision-language model to steer (LLaVA checkpoint).")],
+        sae: Annotated[str, typer.Option(help="The SAE checkpoint the latents belong to.")],
+        probe_images: Annotated[Path, typer.Option(help="Images to ask about (subfolders name their true labels).")],
+        out: Annotated[Path, typer.Option(help="steering.json to write.")],
+        latents: Annotated[str | None, typer.Option(help="Comma-separated latents; default: the first --n-latents live ones.")] = None,
+        n_latents: Annotated[int, typer.Option(help="How many latents when --latents is not given.")] = 10,
+        value: Annotated[float, typer.Option(help="Value the latent is pinned to (the paper uses 100).")] = PAPER_VALUE,
+        top_k: Annotated[int, typer.Option(help="Top images per prototype.")] = 16,
+        device: DeviceOpt = "auto",
+    ) -> None:
+        """Steering score: CLIP agreement of the steered one-word answer with the latent's top images."""
+        try:
+            data = EncodedDir.open(encoded)
+            if not data.info.root:
+                raise EvaluationError(f"{encoded} records no image folder, so top images cannot be embedded", "encoded")
+            batches = data.batches()
+            summary = summarize_latents(batches, batches.n_latents, top_k)
+            chosen = _latent_list(latents, summary.live, n_latents)
+            clip_embedder = load_embedder(clip, resolve_device(device))
+            if not hasattr(clip_embedder, "embed_text"):
+                raise EvaluationError(f"{clip} has no text tower", "clip")
+            source = FolderImages(Path(data.info.root))
+            protos = prototypes(summary.top_images[chosen],
+                                lambda idx: clip_embedder.embed([source.load(i) for i in idx], 0))
+            probes = FolderImages(probe_images)
+            images = [probes.load(i) for i in range(len(probes.ids))]
+            labels = [label.replace("_", " ") for label in probes.labels] if probes.labels else None
+            result = steering_score(chosen, protos, images, make_answer(model, sae, device), clip_embedder,
+                                    value=value, probe_labels=labels,
+                                    probe_embeddings=clip_embedder.embed(images, 0) if labels else None)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, result.model_dump_json(indent=1).encode())
+        except _ERRORS as err:
+            raise _fail(err) from None
+        Console(stderr=True).print(f"steering score {result.steered.mean:.4f} (unsteered {result.unsteered.mean:.4f}) "
+                                   f"over {len(chosen)} latents x {result.n_images} images -> {out}")
+
+    return steering
+
+
+def _latent_list(text: str | None, live: Tensor, n: int) -> list[int]:
+    if text:
+        try:
+            chosen = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise EvaluationError(f"--latents {text!r} must be comma-separated integers", "latents") from None
+        bad = [k for k in chosen if not 0 <= k < live.numel()]
+        if bad:
+            raise EvaluationError(f"latents {bad} are out of range: the SAE has {live.numel()}", "latents")
+        return chosen
+    return [int(k) for k in live.nonzero().squeeze(1)[:n]]

@@ -54,11 +54,13 @@ class ClipEmbedder:
     """CLIP's projected embeddings; the steering score also needs its text side."""
 
     def __init__(self, path: str, device: torch.device) -> None:
-        from transformers import AutoProcessor, CLIPModel
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        self.name, self.device = f"clip:{path}", device
+        self.name, self.path, self.device = f"clip:{path}", path, device
         self.model = _load(lambda: CLIPModel.from_pretrained(path), path).to(device).eval()
-        self.processor = _load(lambda: AutoProcessor.from_pretrained(path), path)
+        self.processor = _load(lambda: AutoImageProcessor.from_pretrained(path), path)
+        self._tokenizer_loader = lambda: AutoTokenizer.from_pretrained(path)
+        self._tokenizer = None
 
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image], first_index: int = 0) -> Tensor:
@@ -67,7 +69,19 @@ class ClipEmbedder:
 
     @torch.no_grad()
     def embed_text(self, texts: Sequence[str]) -> Tensor:
-        tokens = self.processor(text=list(texts), return_tensors="pt", padding=True).to(self.device)
+        """CLIP's text tower pools at the end-of-text token; a tokenizer that does not append it
+        (a plain word-level one) gets it appended here, as CLIP training saw it."""
+        if self._tokenizer is None:
+            self._tokenizer = _load(self._tokenizer_loader, self.path)
+        tok = self._tokenizer
+        eos = tok.eos_token
+        if eos is not None and tok("a")["input_ids"][-1] != tok.eos_token_id:
+            texts = [f"{text} {eos}" for text in texts]
+        side, tok.padding_side = tok.padding_side, "right"
+        try:
+            tokens = tok(list(texts), return_tensors="pt", padding=True).to(self.device)
+        finally:
+            tok.padding_side = side
         return self.model.get_text_features(input_ids=tokens["input_ids"],
                                             attention_mask=tokens["attention_mask"]).pooler_output.float().cpu()
 
