@@ -20,19 +20,25 @@ def train_answers(
     *,
     stage: str,
     desc: str,
-    trainable: Sequence[torch.nn.Module],
+    trainable: Sequence[tuple[torch.nn.Module, float]],
     kinds: Sequence[QuestionKind],
     steps: int,
     progress: bool = True,
 ) -> dict:
-    """Train only `trainable` to answer questions of `kinds`; returns the last loss and answer-token accuracy."""
+    """Train only the `(module, peak learning rate)` pairs to answer questions of `kinds`.
+
+    Returns the last batch's loss and answer-token accuracy.
+    """
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    parameters = [p for module in trainable for p in module.parameters()]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=recipe.lm_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lm_lr, total_steps=steps, pct_start=0.1)
+    groups = [{"params": list(module.parameters()), "lr": lr} for module, lr in trainable if lr > 0]
+    for group in groups:
+        for parameter in group["params"]:
+            parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[group["lr"] for group in groups], total_steps=steps, pct_start=0.1
+    )
     rng = recipe.rng(stage)
     model.train()
     loss_value = accuracy = float("nan")

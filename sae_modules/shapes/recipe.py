@@ -20,7 +20,7 @@ class Recipe:
     image_size: int = 48  # what the tower sees after the processor's resize
     patch_size: int = 8
     vision: dict = field(
-        default_factory=lambda: dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4)
+        default_factory=lambda: dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
     )
     text: dict = field(
         default_factory=lambda: dict(
@@ -35,13 +35,14 @@ class Recipe:
     clip_text: dict = field(
         default_factory=lambda: dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
     )
-    clip_steps: int = 600
-    clip_batch: int = 96
-    clip_lr: float = 1e-3
-    align_steps: int = 300
-    instruct_steps: int = 500
+    clip_steps: int = 1000
+    clip_batch: int = 64
+    clip_lr: float = 2e-3
+    align_steps: int = 100
+    instruct_steps: int = 300
     lm_batch: int = 48
     lm_lr: float = 1e-3
+    instruct_tower_lr: float = 2e-4
     sae_images: int = 3000
     sae_tokens: int = 16
     sae_expansion: int = 8

@@ -20,7 +20,11 @@ def align_projector(model: LlavaForConditionalGeneration, processor: LlavaProces
         recipe,
         stage="align",
         desc="stage 2/4 align",
-        trainable=[model.model.multi_modal_projector, model.model.language_model, model.lm_head],
+        trainable=[
+            (model.model.multi_modal_projector, recipe.lm_lr),
+            (model.model.language_model, recipe.lm_lr),
+            (model.lm_head, recipe.lm_lr),
+        ],
         kinds=["describe"],
         steps=recipe.align_steps,
         progress=progress,
