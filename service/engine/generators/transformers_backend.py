@@ -9,6 +9,7 @@ does not depend on what else was in the batch.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 
@@ -53,6 +54,7 @@ class TransformersGenerator:
         self.tokenizer = processor.tokenizer
         self.image_token_id = model.config.image_token_id
         self.eos_ids = self._eos_ids()
+        self._lock = threading.Lock()
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -72,10 +74,11 @@ class TransformersGenerator:
         for i, request in enumerate(requests):
             groups[_batch_key(i, request.params)].append(i)
         outputs: list[GenerationOutput | None] = [None] * len(requests)
-        for items in groups.values():
-            batch = [requests[i] for i in items]
-            for i, output in zip(items, self._generate_batch(batch)):
-                outputs[i] = output
+        with self._lock:  # one generate at a time: a seeded request sets the global RNG state
+            for items in groups.values():
+                batch = [requests[i] for i in items]
+                for i, output in zip(items, self._generate_batch(batch)):
+                    outputs[i] = output
         return outputs
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:

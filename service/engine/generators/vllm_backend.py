@@ -7,6 +7,7 @@ prefix cache keys on the embedding contents, so different edits never share cach
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ class VLLMGenerator:
         self.processor = processor
         self.llm = LLM(model=model, dtype=dtype, enable_mm_embeds=True, limit_mm_per_prompt={"image": 1},
                        **llm_kwargs)
+        self._lock = threading.Lock()
 
     @staticmethod
     def sampling_params(params: SamplingParams) -> Any:
@@ -38,7 +40,8 @@ class VLLMGenerator:
              "multi_modal_data": {"image": r.image_embeds.unsqueeze(0)}}
             for r in requests
         ]
-        results = self.llm.generate(prompts, [self.sampling_params(r.params) for r in requests], use_tqdm=False)
+        with self._lock:  # the offline LLM serves one caller at a time
+            results = self.llm.generate(prompts, [self.sampling_params(r.params) for r in requests], use_tqdm=False)
         seconds = time.perf_counter() - start
         outputs = []
         for result in results:
