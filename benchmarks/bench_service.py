@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import shutil
 import socket
 import statistics
@@ -30,6 +31,7 @@ MAX_TOKENS = 16
 LATENCY_REQUESTS = 30
 CLIENTS = 16
 REQUESTS_PER_CLIENT = 4
+BATCH_WAIT_S = 0.05
 
 
 def _image_url(seed: int) -> str:
@@ -50,33 +52,36 @@ def _body(seed: int) -> dict:
             "interventions": [{"latent": 3, "mode": "pin", "value": 20.0}]}
 
 
-def in_process_p50(model_dir: Path, sae_dir: Path) -> float:
-    from sae_modules.intervention_spec import Intervention
-    from service.config import Limits
+def load_engine(model_dir: Path, sae_dir: Path):
     from service.engine.engine import SteeringEngine
 
-    engine = SteeringEngine.load(str(model_dir), {"demo": str(sae_dir)})
+    return SteeringEngine.load(str(model_dir), {"demo": str(sae_dir)})
+
+
+def paired_p50(engine, base: str) -> tuple[float, float]:
+    """p50 of the in-process call and of the HTTP call, alternating so both see the same machine load."""
+    from sae_modules.intervention_spec import Intervention
+    from service.config import Limits
+
     spec = SteerSpec(interventions=[Intervention(latent=3, value=20.0)], sae_id="demo")
     params = SamplingParams(max_tokens=MAX_TOKENS)
     limits = Limits()
-    times = []
-    for i in range(LATENCY_REQUESTS + 3):
-        image_ref = _image_url(i)
-        start = time.perf_counter()
-        engine.run(load_image(image_ref, limits), PROMPT, spec, params)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[3:])
-
-
-def http_p50(base: str) -> float:
-    times = []
+    local, remote = [], []
     with httpx.Client(timeout=120) as client:
         for i in range(LATENCY_REQUESTS + 3):
             start = time.perf_counter()
-            response = client.post(f"{base}/v1/steer", json=_body(i))
-            times.append(time.perf_counter() - start)
-            response.raise_for_status()
-    return statistics.median(times[3:])
+            engine.run(load_image(_image_url(i), limits), PROMPT, spec, params)
+            local.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            client.post(f"{base}/v1/steer", json=_body(i)).raise_for_status()
+            remote.append(time.perf_counter() - start)
+    return statistics.median(local[3:]), statistics.median(remote[3:])
+
+
+def mean_batch(base: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    values = dict(re.findall(r"^(steer_batch_size_(?:sum|count)) (\S+)$", text, re.MULTILINE))
+    return float(values["steer_batch_size_sum"]) / max(float(values["steer_batch_size_count"]), 1.0)
 
 
 def throughput(base: str) -> float:
@@ -95,7 +100,7 @@ def _settings(model_dir: Path, sae_dir: Path, layout: str, batch: int) -> Servic
     replica = {"num_cpus": 1.0 if layout == "colocated" else 0.5, "max_ongoing_requests": 64}
     return ServiceSettings(model={"id": "tiny", "path": str(model_dir)}, saes={"demo": {"path": str(sae_dir)}},
                            layout=layout, steerer=replica, generator=replica, ingress={"num_cpus": 0.25},
-                           batching={"max_batch_size": batch, "batch_wait_timeout_s": 0.01})
+                           batching={"max_batch_size": batch, "batch_wait_timeout_s": BATCH_WAIT_S})
 
 
 def main() -> None:
@@ -103,36 +108,43 @@ def main() -> None:
     from ray import serve
 
     work = Path(tempfile.mkdtemp(prefix="vsb", dir="/tmp"))
-    model_dir, sae_dir = build_random_demo(work / "demo")
-    torch.set_num_threads(1)
-    baseline = in_process_p50(model_dir, sae_dir)
-    ray.init(_temp_dir=str(work / "ray"), include_dashboard=False, num_cpus=2, log_to_driver=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
     rows = []
     try:
+        model_dir, sae_dir = build_random_demo(work / "demo")
+        torch.set_num_threads(1)
+        engine = load_engine(model_dir, sae_dir)
+        ray.init(_temp_dir=str(work / "ray"), include_dashboard=False, num_cpus=2, log_to_driver=False)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        base = f"http://127.0.0.1:{port}"
         for layout, batch in (("colocated", 16), ("colocated", 1), ("split", 16), ("split", 1)):
             run_app(_settings(model_dir, sae_dir, layout, batch))
             wait_ready(base, 300)
-            rows.append((layout, batch, http_p50(base), throughput(base)))
+            local, remote = paired_p50(engine, base)
+            rps = throughput(base)
+            rows.append((layout, batch, local, remote, rps, mean_batch(base)))
+            print(f"{layout} batch {batch}: in-process p50 {local * 1e3:.1f} ms, http p50 {remote * 1e3:.1f} ms, "
+                  f"{rps:.2f} req/s, mean batch {rows[-1][5]:.1f}", flush=True)
             serve.delete("vlm-steer")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"in-process engine.run p50: {baseline * 1e3:.1f} ms (tiny random demo, {MAX_TOKENS} tokens, 1 thread)")
-    print(f"{'layout':<10} {'batch':>5} {'http p50 ms':>12} {'overhead':>9} {'req/s @16':>10}")
-    for layout, batch, p50, rps in rows:
-        print(f"{layout:<10} {batch:>5} {p50 * 1e3:>12.1f} {p50 / baseline:>9.2f} {rps:>10.2f}")
-    by = {(layout, batch): (p50, rps) for layout, batch, p50, rps in rows}
+    print(f"tiny random demo model, {MAX_TOKENS} new tokens, one torch thread per process, {CLIENTS} clients")
+    print(f"{'layout':<10} {'batch':>5} {'local p50 ms':>13} {'http p50 ms':>12} {'overhead':>9} {'req/s':>7} "
+          f"{'mean batch':>10}")
+    for layout, batch, local, remote, rps, size in rows:
+        print(f"{layout:<10} {batch:>5} {local * 1e3:>13.1f} {remote * 1e3:>12.1f} {remote / local:>9.2f} {rps:>7.2f} "
+              f"{size:>10.1f}")
+    by = {(layout, batch): (remote / local, rps) for layout, batch, local, remote, rps, _ in rows}
     for layout in ("colocated", "split"):
         print(f"{layout}: batching gain {by[(layout, 16)][1] / by[(layout, 1)][1]:.2f}x (goal >= 2), "
-              f"overhead at batch 16 {by[(layout, 16)][0] / baseline:.2f} (goal <= 1.10)")
-    print(f"split / colocated throughput at batch 16: {by[('split', 16)][1] / by[('colocated', 16)][1]:.2f}; "
-          f"p50 latency: {by[('split', 16)][0] / by[('colocated', 16)][0]:.2f}")
+              f"overhead at batch 16 {by[(layout, 16)][0]:.2f} (goal <= 1.10)")
+    print(f"split / colocated at batch 16: throughput {by[('split', 16)][1] / by[('colocated', 16)][1]:.2f}, "
+          f"overhead {by[('split', 16)][0] / by[('colocated', 16)][0]:.2f}")
 
 
 if __name__ == "__main__":

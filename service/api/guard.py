@@ -36,9 +36,14 @@ class RateLimiter:
         self.capacity = float(per_minute)
         self.buckets: dict[str, tuple[float, float]] = {}
 
+    MAX_CLIENTS = 10_000
+
     def allow(self, client: str) -> float | None:
         """None if allowed, else seconds until a token is free."""
         now = time.monotonic()
+        if len(self.buckets) >= self.MAX_CLIENTS:
+            full_after = self.capacity / self.rate
+            self.buckets = {c: (t, last) for c, (t, last) in self.buckets.items() if now - last < full_after}
         tokens, last = self.buckets.get(client, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - last) * self.rate)
         if tokens < 1.0:
