@@ -1,6 +1,6 @@
 """The /ui playground driven in headless Chromium against the real service on a local Ray.
 
-One keyed app (API key on, colocated layout) serves every test here: the key gate, a full steering
+One keyed app (API key on, colocated layout, under a route prefix) serves every test here: the key gate, a full steering
 round trip whose shown request, curl and Python snippets are checked against the real API, and
 an API error shown in the API's own words. The page's screenshot lands in test-artifacts/ui.png.
 """
@@ -8,6 +8,7 @@ an API error shown in the API's own words. The page's screenshot lands in test-a
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import os
 import subprocess
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sae_modules.evaluation.browser.site import LatentCard, write_site
+from sae_modules.shapes.world import write_examples
 from service.config import ServiceSettings
 from service.serve_cli import run_app, wait_ready
 from service.ui import CHECKOUT_EXAMPLES_DIR, IMAGE_SUFFIXES
@@ -38,6 +40,8 @@ CHROMIUM_ARGS = [
 KEY = "ui-test-key"
 REPLICA = {"num_cpus": 0.25}
 LIMITS = {"max_tokens": 16, "max_interventions": 4, "value_bound": 1000.0, "max_top_k": 64}
+PREFIX = "/playground"
+"""The page must work below a Ray Serve route prefix, so the app is served under one."""
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 pytestmark = pytest.mark.skipif(
@@ -45,53 +49,28 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _example_images() -> dict[str, Image.Image]:
-    """Three shapes-world pictures, or plain PIL drawings where that module is not present."""
-    try:
-        from sae_modules.shapes.world import generate
-    except ImportError:
-        images = {}
-        for name, colour in (("red_circle", "red"), ("blue_square", "blue"), ("green_triangle", "green")):
-            image = Image.new("RGB", (64, 64), "white")
-            ImageDraw.Draw(image).ellipse((12, 12, 52, 52), fill=colour)
-            images[name] = image
-        return images
-    picks = (("circle", "red"), ("square", "blue"), ("triangle", "green"))
-    return {
-        f"{colour}_{shape}": next(generate(1, seed=i, shape=shape, colour=colour))[0]
-        for i, (shape, colour) in enumerate(picks)
-    }
+def _examples(tmp: Path) -> tuple[Path | None, list[Path]]:
+    """The `ui_examples_dir` setting and its images: the checkout's shipped examples through the default (None)
+    when they exist, else the same set written by the shapes world."""
+    if CHECKOUT_EXAMPLES_DIR.is_dir():
+        shipped = sorted(p for p in CHECKOUT_EXAMPLES_DIR.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if shipped:
+            return None, shipped
+    return tmp / "examples", sorted(write_examples(tmp / "examples"))
 
 
-def _examples_dir(tmp: Path) -> tuple[Path | None, list[str]]:
-    """The checkout's shipped examples (through the default setting) when they exist, else generated ones."""
-    shipped = (
-        sorted(p.stem for p in CHECKOUT_EXAMPLES_DIR.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if CHECKOUT_EXAMPLES_DIR.is_dir()
-        else []
-    )
-    if shipped:
-        return None, shipped
-    folder = tmp / "examples"
-    folder.mkdir()
-    images = _example_images()
-    for name, image in images.items():
-        image.save(folder / f"{name}.png")
-    return folder, sorted(images)
-
-
-def _report(tmp: Path) -> Path:
+def _report(tmp: Path, examples: list[Path]) -> Path:
     """A latent browser for every latent of the tiny SAE, inside an evaluate-style output folder."""
-    images = list(_example_images().values())
     cards = [LatentCard(latent=k, level="level 0", ms=0.5, density=0.1, max=10.0) for k in range(N_LATENTS)]
+    top = {k: [k % len(examples), (k + 1) % len(examples)] for k in range(N_LATENTS)}
     write_site(
         tmp / "report" / "browser",
         cards,
-        {k: [k % 3, (k + 1) % 3] for k in range(N_LATENTS)},
-        lambda i: images[i],
+        top,
+        lambda i: Image.open(examples[i]),
         title="tiny",
         summary="test report",
-        thumb=16,
+        thumb=32,
     )
     return tmp / "report"
 
@@ -99,7 +78,7 @@ def _report(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def app(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("ui")
-    examples_dir, names = _examples_dir(tmp)
+    examples_dir, examples = _examples(tmp)
     settings = ServiceSettings(
         model={"id": "tiny", "path": str(tiny_llava_dir)},
         saes={"a": {"path": str(write_tiny_sae(tmp / "sae"))}},
@@ -110,12 +89,14 @@ def app(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         steerer=REPLICA,
         batching={"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
         ui_examples_dir=examples_dir,
-        report_dir=_report(tmp),
+        report_dir=_report(tmp, examples),
+        app_name="playground",
+        route_prefix=PREFIX,
     )
     with local_serve() as base:
         run_app(settings)
-        wait_ready(base, 240)
-        yield {"base": base, "examples": names}
+        wait_ready(base + PREFIX, 240)
+        yield {"base": base + PREFIX, "examples": [p.stem for p in examples], "paths": examples}
 
 
 @pytest.fixture(scope="module")
@@ -260,13 +241,16 @@ def test_steer_round_trip_shows_both_answers_metrics_and_the_request_sent(app, p
     page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
 
 
-def test_an_api_error_is_shown_as_the_api_words_it(app, page) -> None:
+def test_an_uploaded_image_is_sent_as_is_and_an_api_error_is_shown_as_the_api_words_it(app, page) -> None:
     base = app["base"]
     _open(page, base)
-    _pick_example(page, app["examples"][-1])
+    upload = app["paths"][-1]
+    page.set_input_files("#file", str(upload))
+    page.wait_for_function("document.querySelectorAll('#latents li').length > 0")
     page.click("#add-intervention")
     page.fill("#interventions .latent", str(N_LATENTS + 935))
     sent = _run(page)
+    assert sent["image"] == "data:image/png;base64," + base64.b64encode(upload.read_bytes()).decode()
     refused = httpx.post(
         f"{base}/v1/steer", json=sent, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
     )
