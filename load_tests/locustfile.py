@@ -21,8 +21,10 @@ import random
 import sys
 from pathlib import Path
 
+import gevent
 import requests
 from locust import HttpUser, between, events, task
+from locust.stats import CSV_STATS_INTERVAL_SEC
 from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,8 @@ def _slo_gate(environment, **_kwargs) -> None:
           f"p95={p95:.0f}ms failure_ratio={total.fail_ratio:.4f} -> "
           f"{'FAIL: ' + '; '.join(broken) if broken else 'PASS'}", flush=True)
     environment.process_exit_code = 1 if broken else 0
+    if opts.csv_prefix:
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.5)  # the CSV writer runs once a second: let it record the final stats
 
 
 class SteeringUser(HttpUser):
