@@ -165,3 +165,16 @@ def test_reconstruction_metrics_match_a_hand_computation(setup, tmp_path):
     assert got["fvu"] == pytest.approx(float(fvu), rel=1e-5)
     assert got["l0"] == pytest.approx(float((f != 0).sum(1).double().mean()))
     assert got["dead_fraction"] == pytest.approx(float(((f != 0).sum(0) == 0).double().mean()))
+
+
+def test_pooling_modes_reduce_tokens_per_image():
+    from sae_modules.evaluation.encode import pool_tokens
+    from sae_modules.evaluation.errors import EvaluationError
+
+    latents = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [2.0, 2.0]]])          # [1 image, 3 tokens, 2 latents]
+    assert pool_tokens(latents, "mean").tolist() == [[2.0, 2.0]]
+    assert pool_tokens(latents, "max").tolist() == [[3.0, 4.0]]
+    assert pool_tokens(latents, "cls").tolist() == [[1.0, 0.0]]
+    with pytest.raises(EvaluationError) as err:
+        pool_tokens(latents, "median")
+    assert err.value.field == "pooling"

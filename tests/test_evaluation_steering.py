@@ -106,3 +106,10 @@ def test_steering_command_runs_end_to_end_through_the_engine(tiny_llava_dir, cli
     assert len(body["latents"]) == 2 and body["n_images"] == 2 and body["value"] == 100.0
     assert body["steered"]["n"] == 4 and -1 <= body["steered"]["mean"] <= 1
     assert body["matched"]["n"] == 2 and body["shuffled"]["n"] == 2
+    result = runner.invoke(app, ["evaluate", "report", "--encoded", str(tmp_path / "ms-encoded"), "--steering",
+                                 str(tmp_path / "steer.json"), "--out", str(tmp_path / "report"), "--top-k", "4",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["steering"]["steered"] == body["steered"]
+    assert "## Steering score" in (tmp_path / "report" / "report.md").read_text()

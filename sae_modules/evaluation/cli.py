@@ -29,7 +29,7 @@ from sae_modules.evaluation.plots import histogram
 from sae_modules.evaluation.reconstruction import reconstruction_metrics
 from sae_modules.evaluation.report import evaluate_encoded, write_report
 from sae_modules.evaluation.sources import SafetensorsBatches
-from sae_modules.evaluation.steering_score import PAPER_VALUE, Answer, prototypes, steering_score
+from sae_modules.evaluation.steering_score import PAPER_VALUE, Answer, SteeringScore, prototypes, steering_score
 from sae_modules.evaluation.taxonomy import by_level, csv_taxonomy, folder_taxonomy, latent_depths
 from sae_modules.formats.detect import load_sae
 from sae_modules.formats.errors import CheckpointError
@@ -181,6 +181,7 @@ def report(
     group_sizes: Annotated[str | None, typer.Option(help="Matryoshka levels; default: from --sae.")] = None,
     service_url: Annotated[str | None, typer.Option(help="Steering service URL: each latent links to {url}/ui?latent=K.")] = None,
     browser_latents: Annotated[int, typer.Option(help="Most latents the browser shows (spread over MS and levels).")] = 512,
+    steering: Annotated[Path | None, typer.Option(help="steering.json from `evaluate steering`, to include.")] = None,
     top_k: Annotated[int, typer.Option(help="Top images per latent.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     device: DeviceOpt = "auto",
@@ -198,7 +199,14 @@ def report(
                 raise EvaluationError("--shards measures an SAE's reconstruction: give --sae", "sae")
             recon = reconstruction_metrics(load_sae(sae), shards, max_vectors=max_vectors,
                                            device=resolve_device(device))
-        result = write_report(out, data, ev, reconstruction=recon, service_url=service_url,
+        steering_result = None
+        if steering is not None:
+            try:
+                steering_result = SteeringScore.model_validate_json(steering.read_text()).model_dump(
+                    exclude={"latents", "unsteered_answers"})
+            except (OSError, ValueError) as err:
+                raise EvaluationError(f"cannot read {steering}: {str(err).splitlines()[0]}", "steering") from None
+        result = write_report(out, data, ev, reconstruction=recon, steering=steering_result, service_url=service_url,
                               browser_cap=browser_latents, images_root=images)
     except _ERRORS as err:
         raise _fail(err) from None
