@@ -88,9 +88,9 @@ def main() -> None:
     print(f"{'N':>6} {'ours s':>8} {'N x N s':>8} {'paper s':>9} {'vs N x N':>9} {'vs paper':>9} {'max |diff|':>11}")
     for n in (1000, 2000, 4000):
         acts, emb = (t.double() for t in _data(n, N_LATENTS, seed=n))
-        (_, ours), t_ours = _timed(lambda: monosemanticity(TensorBatches(acts, emb, batch_size=1024), N_LATENTS))
-        matrix, t_matrix = _timed(lambda: matrix_quadratic_form(acts, emb))
-        paper, t_paper = _timed(lambda: paper_pairwise(acts, emb))
+        (_, ours), t_ours = _timed(lambda a=acts, e=emb: monosemanticity(TensorBatches(a, e, batch_size=1024), N_LATENTS))
+        matrix, t_matrix = _timed(lambda a=acts, e=emb: matrix_quadratic_form(a, e))
+        paper, t_paper = _timed(lambda a=acts, e=emb: paper_pairwise(a, e))
         diff = max(float((ours - paper).abs().nan_to_num().max()), float((ours - matrix).abs().nan_to_num().max()))
         print(f"{n:>6} {t_ours:>8.2f} {t_matrix:>8.2f} {t_paper:>9.1f} {t_matrix / t_ours:>8.1f}x "
               f"{t_paper / t_ours:>8.0f}x {diff:>11.1e}", flush=True)
@@ -98,8 +98,8 @@ def main() -> None:
     print(f"{'N':>6} {'s':>8} {'ms / 1k images':>15}")
     for n in (6250, 12500, 25000, 50000):
         source = _Generated(n, N_LATENTS)
-        _, t_gen = _timed(lambda: sum(1 for _ in source) + sum(1 for _ in source))
-        _, t_total = _timed(lambda: monosemanticity_scores(source, *_range(source)))
+        _, t_gen = _timed(lambda s=source: sum(1 for _ in s) + sum(1 for _ in s))
+        _, t_total = _timed(lambda s=source: monosemanticity_scores(s, *_range(s)))
         print(f"{n:>6} {t_total - t_gen:>8.2f} {1000 * (t_total - t_gen) / n * 1000:>15.1f}", flush=True)
     shapes_headline()
 

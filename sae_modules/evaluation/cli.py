@@ -7,10 +7,13 @@ directory so that later commands (taxonomy, report) reuse it.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from torch import Tensor
@@ -29,7 +32,13 @@ from sae_modules.evaluation.plots import histogram
 from sae_modules.evaluation.reconstruction import reconstruction_metrics
 from sae_modules.evaluation.report import evaluate_encoded, write_report
 from sae_modules.evaluation.sources import SafetensorsBatches
-from sae_modules.evaluation.steering_score import PAPER_VALUE, Answer, SteeringScore, prototypes, steering_score
+from sae_modules.evaluation.steering_score import (
+    PAPER_VALUE,
+    Answer,
+    SteeringScore,
+    prototypes,
+    steering_score,
+)
 from sae_modules.evaluation.taxonomy import by_level, csv_taxonomy, folder_taxonomy, latent_depths
 from sae_modules.formats.detect import load_sae
 from sae_modules.formats.errors import CheckpointError
@@ -146,10 +155,6 @@ def taxonomy(
     top_k: Annotated[int, typer.Option(help="Top images per latent (16 gives the paper's 120 pairs).")] = 16,
 ) -> None:
     """Mean LCA depth of each latent's top images, per Matryoshka level (paper Table 2)."""
-    import json
-
-    import torch
-
     try:
         data = EncodedDir.open(encoded)
         batches = data.batches()
@@ -161,7 +166,7 @@ def taxonomy(
             scores = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64)
         rows = by_level(depths, scores, _group_sizes(group_sizes, sae))
         out.parent.mkdir(parents=True, exist_ok=True)
-        body = {"depth": [None if d != d else d for d in depths.tolist()], "levels": [r.model_dump() for r in rows]}
+        body = {"depth": [None if math.isnan(d) else d for d in depths.tolist()], "levels": [r.model_dump() for r in rows]}
         write_atomic(out, json.dumps(body).encode())
     except (*_ERRORS, OSError, KeyError, ValueError) as err:
         raise _fail(err) from None

@@ -118,7 +118,7 @@ class FileEmbedder:
         self.name = str(self.file)
         try:
             with safe_open(self.file, "pt") as handle:
-                if EMBEDDINGS_KEY not in handle.keys():
+                if EMBEDDINGS_KEY not in set(handle.keys()):
                     raise EvaluationError(f"{file} has no tensor {EMBEDDINGS_KEY!r}", "embedder")
                 self.table = handle.get_tensor(EMBEDDINGS_KEY).float()
         except (OSError, FileNotFoundError) as err:

@@ -87,7 +87,7 @@ class SafetensorsBatches:
 def _tensor_shape(file: Path, key: str, field: str) -> tuple[int, int]:
     try:
         with safe_open(file, "pt") as handle:
-            if key not in handle.keys():
+            if key not in set(handle.keys()):
                 raise EvaluationError(f"{file} has no tensor {key!r} (found {sorted(handle.keys())})", field)
             shape = handle.get_slice(key).get_shape()
     except FileNotFoundError:
