@@ -133,7 +133,8 @@ def encode_images(tower: Tower, layer: int, sae: SAE | None, source: ImageSource
     if n_latents is None:
         raise EvaluationError("no images to encode", "images")
     write_atomic(out / EMBEDDINGS_FILE, save({EMBEDDINGS_KEY: torch.cat(embeddings).contiguous()}))
-    info = EncodedImages(ids=list(source.ids), labels=source.labels, root=str(getattr(source, "root", "")) or None,
+    root = getattr(source, "root", None)
+    info = EncodedImages(ids=list(source.ids), labels=source.labels, root=str(Path(root).resolve()) if root else None,
                          model=tower.name, layer=layer, sae=sae_name, pooling=pooling, embedder=embedder.name,
                          n_latents=n_latents, activation_files=files)
     write_atomic(out / IMAGES_FILE, info.model_dump_json(indent=1).encode())
