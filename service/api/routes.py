@@ -22,7 +22,7 @@ from service.api.errors import APIError, install_error_handlers
 from service.api.guard import Guard
 from service.api.images import load_image
 from service.config import Limits, ServiceSettings
-from service.engine.types import Conversation, SamplingParams, SteerSpec, user_turn
+from service.engine.types import Conversation, GenerationOutput, SamplingParams, SteerSpec, user_turn
 from service.metrics import BATCH_SIZE, INTERVENTIONS, SAE_INFO, exposition, observe_sae, observe_stages
 from service.pipeline import BatchSlot, EncodeJob, EncodeResult, ServingInfo, SteerJob, SteerResult
 from service.ui import mount_ui
@@ -86,13 +86,13 @@ def _metrics(result: SteerResult, decode_s: float) -> schemas.SteerMetrics:
     )
 
 
-def _usage(output) -> schemas.Usage:
+def _usage(output: GenerationOutput) -> schemas.Usage:
     return schemas.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
                          total_tokens=output.prompt_tokens + output.completion_tokens)
 
 
-def _conversation(messages: list[schemas.ChatMessage], limits: Limits) -> tuple[Conversation, str, int]:
-    """HF chat format with one image part, the image reference, and the total text length."""
+def _conversation(messages: list[schemas.ChatMessage], limits: Limits) -> tuple[Conversation, str, str]:
+    """HF chat format with one image part, the image's URL, and that URL's field path (for errors)."""
     if len(messages) > limits.max_messages:
         raise APIError(422, f"{len(messages)} messages exceed the limit {limits.max_messages}", "messages")
     conversation: Conversation = []
