@@ -178,8 +178,10 @@ class SAE(nn.Module):
         """Drop the gradient component along each (unit) decoder row, so steps do not fight the norm."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec.data
+        grad, w = self.W_dec.grad, self.W_dec.data
+        # Row-wise dot products as a batched matmul: no [n_latents, d_in] temporary.
+        parallel = torch.bmm(grad.unsqueeze(1), w.unsqueeze(2)).view(-1, 1)
+        grad.addcmul_(parallel, w, value=-1)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
