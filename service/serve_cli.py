@@ -13,6 +13,7 @@ from typing import Annotated
 
 import httpx
 import typer
+from pydantic import ValidationError
 
 from service.assets import resolve_checkpoints
 from service.config import ServiceSettings, load_settings
@@ -62,7 +63,7 @@ def curl_example(base_url: str, auth: bool) -> str:
 def serve(
     host: Annotated[str, typer.Option(help="Address the HTTP proxy binds.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="PORT", help="HTTP port.")] = 8000,
-    config: Annotated[Path | None, typer.Option(envvar="VLM_STEER_CONFIG", help="Settings YAML file.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Settings YAML file (default: $VLM_STEER_CONFIG if it exists).")] = None,
     num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray may use (default: all).")] = None,
     ready_timeout_s: Annotated[float, typer.Option(help="How long to wait for the models to load.")] = 600.0,
 ) -> None:
@@ -70,8 +71,12 @@ def serve(
     import ray
     from ray import serve as ray_serve
 
-    settings = load_settings(config)
-    checkpoints = resolve_checkpoints(settings)
+    try:
+        settings = load_settings(config)
+        checkpoints = resolve_checkpoints(settings)
+    except (ValueError, ValidationError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     note = "  <- a tiny RANDOM model: answers are meaningless" if checkpoints.random else ""
     typer.echo(f"model {settings.model.id}: {checkpoints.model}{note}")
     for sae_id, path in checkpoints.saes.items():
