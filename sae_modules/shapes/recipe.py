@@ -39,10 +39,10 @@ class Recipe:
     clip_batch: int = 64
     clip_lr: float = 2e-3
     align_steps: int = 100
-    instruct_steps: int = 300
+    instruct_steps: int = 800
     lm_batch: int = 48
     lm_lr: float = 1e-3
-    instruct_tower_lr: float = 2e-4
+    instruct_tower_lr: float = 1e-3
     sae_images: int = 3000
     sae_tokens: int = 16
     sae_expansion: int = 8

@@ -1,8 +1,9 @@
 """Stage 3: visual instruction tuning — every question kind, varied phrasings.
 
-As in LLaVA-NeXT's fine-tuning stage, the vision tower trains too, at a smaller learning rate
-(`recipe.instruct_tower_lr`; 0 keeps it frozen as LLaVA-1.5 does): a tower trained from scratch
-for minutes on a CPU knows colours well but shapes only roughly, and the answers sharpen it.
+As in LLaVA-NeXT's fine-tuning stage, the vision tower trains too (`recipe.instruct_tower_lr`;
+0 keeps it frozen as LLaVA-1.5 does). A tower trained contrastively from scratch for minutes on a
+CPU knows colours well but shapes only roughly (frozen, the model named the shape of 52% of
+held-out images); the answers' gradient reaches the blocks up to the one the projector reads.
 """
 
 from __future__ import annotations
