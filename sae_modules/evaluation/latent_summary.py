@@ -58,12 +58,13 @@ class LatentSummaryAccumulator:
         if acts.ndim != 2 or acts.shape[1] != self.lo.shape[0]:
             raise EvaluationError(f"activations batch has shape {tuple(acts.shape)}, expected [n, {self.lo.shape[0]}]",
                                   "activations")
-        if not torch.isfinite(acts).all():
+        acts = acts.float()
+        lo, hi = torch.aminmax(acts, dim=0)
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):   # min/max propagate NaN and infinity
             raise EvaluationError(f"activations of images {self.n_images}..{self.n_images + len(acts) - 1} "
                                   "contain NaN or infinity", "activations")
-        acts = acts.float()
-        self.lo = torch.minimum(self.lo, acts.min(dim=0).values.double())
-        self.hi = torch.maximum(self.hi, acts.max(dim=0).values.double())
+        self.lo = torch.minimum(self.lo, lo.double())
+        self.hi = torch.maximum(self.hi, hi.double())
         self.fires += (acts > 0).sum(dim=0)
         batch_values, batch_rows = acts.topk(min(self.top_k, len(acts)), dim=0)
         values = torch.cat([self.top_values, batch_values])

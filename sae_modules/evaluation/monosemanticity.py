@@ -77,10 +77,10 @@ def _accumulate(batches: Iterable[tuple[Tensor, Tensor | None]], lo: Tensor, spa
             raise EvaluationError(f"embeddings change width from {weighted.shape[1]} to {unit.shape[1]}", "embeddings")
         for c0 in range(start, stop, _LATENT_CHUNK):
             c1 = min(stop, c0 + _LATENT_CHUNK)
-            norm = (acts[:, c0:c1].to(device, torch.float64) - lo[c0:c1]) / span[c0:c1]
-            weighted[c0 - start:c1 - start] += norm.T @ unit
+            norm = acts[:, c0:c1].to(device, torch.float64, copy=True).sub_(lo[c0:c1]).div_(span[c0:c1])
+            weighted[c0 - start:c1 - start].addmm_(norm.T, unit)
             s1[c0 - start:c1 - start] += norm.sum(dim=0)
-            s2[c0 - start:c1 - start] += (norm * norm).sum(dim=0)
+            s2[c0 - start:c1 - start] += torch.einsum("ij,ij->j", norm, norm)
         image += acts.shape[0]
     if weighted is None:
         raise EvaluationError("no images: the activations are empty", "activations")
