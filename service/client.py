@@ -3,7 +3,8 @@
     from service.client import SteerClient
     client = SteerClient("http://127.0.0.1:8000", api_key=None)
     top = client.encode("cat.png", top_k=5)["latents"][0]["latent"]
-    answer = client.steer("cat.png", "Describe the image.", [{"latent": top, "value": 40}], types=["STEERED", "DEFAULT"])
+    answer = client.steer("cat.png", "Describe the image.", [{"latent": top, "value": 40}],
+                          types=["STEERED", "DEFAULT"])
     print({o["type"]: o["text"] for o in answer["outputs"]})
 """
 

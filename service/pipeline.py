@@ -53,11 +53,12 @@ class ServingInfo:
 
 
 def serving_info(engine: SteeringEngine, model_id: str) -> ServingInfo:
+    """`layer` is the resolved block index, so -2 on a 24-block tower reads 22."""
     saes = []
     for sae_id in engine.sae_ids:
         cfg = engine.sae(sae_id).cfg
-        saes.append(SAEInfo(id=sae_id, layer=engine.steerer.block_index[sae_id], n_latents=cfg.n_latents, architecture=cfg.architecture,
-                            d_in=cfg.d_in, default=sae_id == engine.default_sae_id))
+        saes.append(SAEInfo(id=sae_id, layer=engine.steerer.block_index[sae_id], n_latents=cfg.n_latents,
+                            architecture=cfg.architecture, d_in=cfg.d_in, default=sae_id == engine.default_sae_id))
     return ServingInfo(model_id, int(time.time()), engine.n_tokens, engine.default_sae_id, saes)
 
 

@@ -63,7 +63,9 @@ def curl_example(base_url: str, auth: bool) -> str:
 def serve(
     host: Annotated[str, typer.Option(help="Address the HTTP proxy binds.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="PORT", help="HTTP port.")] = 8000,
-    config: Annotated[Path | None, typer.Option(help="Settings YAML file (default: $VLM_STEER_CONFIG if it exists).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Settings YAML file (default: $VLM_STEER_CONFIG if it exists).")
+    ] = None,
     num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray may use (default: all).")] = None,
     ready_timeout_s: Annotated[float, typer.Option(help="How long to wait for the models to load.")] = 600.0,
 ) -> None:

@@ -80,8 +80,9 @@ def decode_image(data: bytes, limits: Limits, param: str = "image") -> Image.Ima
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=None)
             if image.format not in SUPPORTED_FORMATS:
-                raise APIError(415, f"unsupported image format {image.format}; use one of {', '.join(SUPPORTED_FORMATS)}",
-                               param)
+                raise APIError(
+                    415, f"unsupported image format {image.format}; use one of {', '.join(SUPPORTED_FORMATS)}", param
+                )
             width, height = image.size
             if width * height > limits.max_image_pixels:
                 raise APIError(413, f"image has {width}x{height} pixels, more than the limit {limits.max_image_pixels}",

@@ -60,7 +60,9 @@ def _resolve_sae(info: ServingInfo, sae_id: str | None, param: str) -> str:
     return sae_id
 
 
-def _sampling(fields: schemas.SamplingFields, max_tokens: int | None, limits: Limits, stop: list[str]) -> SamplingParams:
+def _sampling(
+    fields: schemas.SamplingFields, max_tokens: int | None, limits: Limits, stop: list[str]
+) -> SamplingParams:
     tokens = max_tokens or DEFAULT_MAX_TOKENS
     if tokens > limits.max_tokens:
         raise APIError(422, f"max_tokens {tokens} exceeds the limit {limits.max_tokens}", "max_tokens")

@@ -109,7 +109,9 @@ class EncodeResponse(BaseModel):
     sae: str
     latents: list[LatentValue]
     l0: float = Field(description="Mean active latents per selected token.")
-    fvu: float | None = Field(description="Fraction of variance unexplained over the selected tokens; null for one token.")
+    fvu: float | None = Field(
+        description="Fraction of variance unexplained over the selected tokens; null for a single token."
+    )
 
 
 class SAEInfo(BaseModel):
