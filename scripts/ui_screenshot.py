@@ -1,7 +1,8 @@
 """Regenerate docs/ui.png: start `vlm-steer serve` (the shipped demo, or whatever VLM_STEER_* / --config name),
-open /ui in headless Chromium, pick the first example, pin its strongest latent, run, and save the page.
+open /ui in headless Chromium, pick an example, pin a latent (by default its strongest), run, and save the page.
 
-    .venv/bin/python scripts/ui_screenshot.py [--out docs/ui.png] [--config settings.yaml] [--report EVAL_OUT]
+    .venv/bin/python scripts/ui_screenshot.py [--out docs/ui.png] [--config settings.yaml] [--report EVAL_OUT] \
+        [--example blue_square] [--prompt "What color is the shape?"] [--pin 28=40]
 
 The PNG is quantised to 256 colours so the committed file stays small.
 """
@@ -32,17 +33,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def capture(base: str, out: Path, pin_value: float | None) -> None:
+def capture(base: str, out: Path, example: str | None, prompt: str | None, pin: tuple[int, float] | None) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(f"{base}/ui")
         page.wait_for_selector("body[data-ready='1']")
-        page.click("#examples button")
+        page.click(f"#examples button[data-name='{example}']" if example else "#examples button")
         page.wait_for_function("document.querySelectorAll('#latents li').length > 0")
-        page.click("#latents li button.pin")
-        if pin_value is not None:
-            page.fill("#interventions .value", str(pin_value))
+        if pin is None:
+            page.click("#latents li button.pin")
+        else:
+            page.click("#add-intervention")
+            page.fill("#interventions .latent", str(pin[0]))
+            page.fill("#interventions .value", f"{pin[1]:g}")
+        if prompt is not None:
+            page.fill("#prompt", prompt)
         page.click("#run")
         page.wait_for_function("document.querySelector('#metrics').rows.length > 0 || "
                                "!document.querySelector('#error').hidden", timeout=300_000)
@@ -62,7 +68,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/ui.png"))
     parser.add_argument("--config", type=Path, help="Settings YAML for vlm-steer serve.")
     parser.add_argument("--report", type=Path, help="A `vlm-steer evaluate` output, shown beside the latents.")
-    parser.add_argument("--pin-value", type=float, help="Value for the pinned latent (default: the page's).")
+    parser.add_argument("--example", help="Example image name (default: the first).")
+    parser.add_argument("--prompt", help="Prompt (default: the page's).")
+    parser.add_argument("--pin", help="LATENT=VALUE to pin (default: the image's strongest latent, suggested value).")
     args = parser.parse_args()
     port = free_port()
     env = dict(os.environ)
@@ -76,7 +84,11 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, 600)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        capture(base, args.out, args.pin_value)
+        pin = None
+        if args.pin is not None:
+            latent, _, value = args.pin.partition("=")
+            pin = (int(latent), float(value))
+        capture(base, args.out, args.example, args.prompt, pin)
         print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
     finally:
         os.killpg(server.pid, signal.SIGINT)
