@@ -90,7 +90,8 @@ def main() -> None:
     print(f"{'N':>6} {'ours s':>8} {'N x N s':>8} {'paper s':>9} {'vs N x N':>9} {'vs paper':>9} {'max |diff|':>11}")
     for n in (1000, 2000, 4000):
         acts, emb = _data(n, N_LATENTS, seed=n)          # float32, as activations are stored
-        (_, ours), t_ours = _timed(lambda a=acts, e=emb: monosemanticity(TensorBatches(a, e, batch_size=1024), N_LATENTS))
+        (_, ours), t_ours = _timed(lambda a=acts, e=emb: monosemanticity(TensorBatches(a, e, batch_size=1024), N_LATENTS,
+                                                                               top_k=0))
         matrix, t_matrix = _timed(lambda a=acts, e=emb: matrix_quadratic_form(a, e))
         paper, t_paper = _timed(lambda a=acts, e=emb: paper_pairwise(a, e))
         diff = max(float((ours - paper).abs().nan_to_num().max()), float((ours - matrix).abs().nan_to_num().max()))
@@ -169,7 +170,7 @@ def shapes_headline(n_images: int = 2000, seed: int = 7) -> None:
 
 
 def _range(source: _Generated) -> tuple[torch.Tensor, torch.Tensor]:
-    summary = summarize_latents(source, source.n_latents, top_k=1)
+    summary = summarize_latents(source, source.n_latents, top_k=0)
     return summary.lo, summary.hi
 
 

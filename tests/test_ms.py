@@ -109,6 +109,9 @@ def test_summary_tracks_range_firing_and_top_images():
     assert summary.lo.tolist() == [0.0, 0.0] and summary.hi.tolist() == [3.0, 2.0]
     assert summary.fires.tolist() == [3, 3]
     assert summary.top_images.tolist() == [[1, 3], [2, 0]]
+    bare = summarize_latents(TensorBatches(acts, None, batch_size=3), 2, top_k=0)
+    assert torch.equal(bare.lo, summary.lo) and torch.equal(bare.fires, summary.fires)
+    assert bare.top_images.shape == (2, 0) and bare.n_images == 4
 
 
 @pytest.mark.parametrize(("emb", "field"), [

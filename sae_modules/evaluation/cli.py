@@ -129,7 +129,7 @@ def ms(
             work = work or out.with_name(out.stem + "-encoded")
             batches = _encoded(encoded, work, sae, model, images, embedder, layer, pooling, raw_neurons, weights,
                                device, batch_size).batches()
-        summary, scores = monosemanticity(batches, batches.n_latents, top_k=1,
+        summary, scores = monosemanticity(batches, batches.n_latents, top_k=0,
                                           device=resolve_device(device))
         report = ms_report(scores, summary.n_images)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,8 @@ class LatentSummaryAccumulator:
     """Feed batches of per-image activations [n, F] in image order; `result()` gives the summary."""
 
     def __init__(self, n_latents: int, top_k: int = 16) -> None:
-        if top_k < 1:
-            raise EvaluationError(f"top_k must be at least 1, got {top_k}", "top_k")
+        if top_k < 0:
+            raise EvaluationError(f"top_k must be 0 (no top images) or more, got {top_k}", "top_k")
         self.top_k = top_k
         self.lo = torch.full((n_latents,), torch.inf, dtype=torch.float64)
         self.hi = torch.full((n_latents,), -torch.inf, dtype=torch.float64)
@@ -66,13 +66,15 @@ class LatentSummaryAccumulator:
         self.lo = torch.minimum(self.lo, lo.double())
         self.hi = torch.maximum(self.hi, hi.double())
         self.fires += (acts > 0).sum(dim=0)
+        self.n_images += len(acts)
+        if self.top_k == 0:
+            return
         batch_values, batch_rows = acts.topk(min(self.top_k, len(acts)), dim=0)
         values = torch.cat([self.top_values, batch_values])
-        images = torch.cat([self.top_images, batch_rows + self.n_images])
+        images = torch.cat([self.top_images, batch_rows + self.n_images - len(acts)])
         keep = min(self.top_k, len(values))
         self.top_values, order = values.topk(keep, dim=0)
         self.top_images = images.gather(0, order)
-        self.n_images += len(acts)
 
     def result(self) -> LatentSummary:
         if self.n_images == 0:
