@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from service.engine.prompts import render_prompt
+from service.engine.prompts import find_stop, render_prompt
 from service.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 
 
@@ -33,21 +33,28 @@ class VLLMGenerator:
         return VLLMSamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                                   seed=params.seed, stop=params.stop or None)
 
+    def decode(self, token_ids: list[int], stops: list[str]) -> str:
+        """The answer text as the transformers backend writes it (vLLM's incremental detokenizer may
+        differ in spacing), cut before the first stop string."""
+        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+        cut = find_stop(text, stops)
+        return text if cut is None else text[:cut]
+
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         start = time.perf_counter()
         prompts = [
             {"prompt": render_prompt(self.processor, r.conversation),
-             "multi_modal_data": {"image": r.image_embeds.unsqueeze(0)}}
+             "multi_modal_data": {"image": r.image_embeds.detach().cpu().unsqueeze(0)}}
             for r in requests
         ]
         with self._lock:  # the offline LLM serves one caller at a time
             results = self.llm.generate(prompts, [self.sampling_params(r.params) for r in requests], use_tqdm=False)
         seconds = time.perf_counter() - start
         outputs = []
-        for result in results:
+        for result, request in zip(results, requests):
             completion = result.outputs[0]
             outputs.append(GenerationOutput(
-                text=completion.text,
+                text=self.decode(completion.token_ids, request.params.stop),
                 finish_reason="length" if completion.finish_reason == "length" else "stop",
                 prompt_tokens=len(result.prompt_token_ids),
                 completion_tokens=len(completion.token_ids),
