@@ -63,3 +63,10 @@ def test_missing_model_is_a_clear_error(paths, tmp_path):
                                       paths["image"]])
     assert result.exit_code == 1
     assert "cannot load LLaVA model" in result.output
+
+
+def test_defaults_to_the_shipped_demo_model(paths):
+    """Without --model/--sae the CLI steers the demo LLaVA with its SAE (sae_modules.shapes)."""
+    result = CliRunner().invoke(app, ["steer", "--image", paths["image"], "--pin", "5=30", "--max-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "latent 5 before → after" in result.output and "→ 30.000" in result.output
