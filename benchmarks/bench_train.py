@@ -48,7 +48,7 @@ class BenchSize:
         return 2 * self.batch
 
 
-FULL = BenchSize(d_in=1024, n_latents=16_384, k=20, batch=4096, steps=6, heldout_batches=2)
+FULL = BenchSize(d_in=1024, n_latents=16_384, k=20, batch=4096, steps=4, heldout_batches=2)
 SMALL = BenchSize(d_in=32, n_latents=256, k=4, batch=128, steps=3, heldout_batches=2)
 
 

@@ -135,14 +135,16 @@ def dense_reference_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> tuple
     return torch.stack(prefix).mean() + sae.cfg.auxk_alpha * auxk, f
 
 
+@pytest.mark.parametrize("dead_fraction", [0.05, 0.3])  # fewer / more dead latents than AuxK keeps
 @pytest.mark.parametrize("arch", TOPK_FAMILY)
-def test_sparse_path_matches_dense_autograd(arch: str) -> None:
+def test_sparse_path_matches_dense_autograd(arch: str, dead_fraction: float) -> None:
     torch.manual_seed(0)
     sae = build_sae(make_cfg(arch))
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
-    x, dead = torch.randn(40, D_IN), torch.rand(N_LATENTS) < 0.3
+    x, dead = torch.randn(40, D_IN), torch.rand(N_LATENTS) < dead_fraction
+    assert 0 < int(dead.sum()) != D_IN // 2
     out = sae(x, dead_mask=dead)
     out.loss.backward()
     grads = [p.grad.clone() for p in sae.parameters()]

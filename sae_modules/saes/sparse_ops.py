@@ -93,12 +93,6 @@ def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:
     return Selection(rows, cols, _crow_from_rows(rows, pre.shape[0]), tuple(pre.shape))
 
 
-def dead_topk_selection(pre: Tensor, dead: Tensor, k: int) -> Selection:
-    """Each row's k largest pre-activations among the `dead` latent indices (AuxK)."""
-    slots = pre.index_select(1, dead).topk(k, dim=1, sorted=False).indices
-    return _from_row_slots(dead[slots], None, pre.shape[1])
-
-
 class _PickPreActs(torch.autograd.Function):
     """pre[rows, cols] where pre = (x - b_dec) @ W_enc + b_enc was computed without autograd.
 
@@ -132,6 +126,40 @@ class _PickPreActs(torch.autograd.Function):
 def pick_pre_acts(pre: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, sel: Selection) -> Tensor:
     """The selected pre-activations [nnz], differentiable w.r.t. x and the encoder parameters."""
     return _PickPreActs.apply(pre, x, W_enc, b_enc, b_dec, sel.rows, sel.cols, sel.crow)
+
+
+class _PickColumns(torch.autograd.Function):
+    """pre[:, cols] as a dense [B, len(cols)] block, for a few columns (AuxK's dead latents).
+
+    Dense on purpose: AuxK keeps up to d_in / 2 latents per vector, so its entries are too many for
+    the sparse path, while the dead block is narrow enough for plain matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, x, W_enc, b_enc, b_dec, cols):  # type: ignore[override]
+        ctx.save_for_backward(x, W_enc, b_dec, cols)
+        return pre.index_select(1, cols)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, W_enc, b_dec, cols = ctx.saved_tensors
+        need_x, need_w, need_b_enc, need_b_dec = ctx.needs_input_grad[1:5]
+        grad_x = grad_w = grad_b_enc = grad_b_dec = None
+        w_cols = W_enc.index_select(1, cols)
+        if need_w:
+            grad_w = torch.zeros_like(W_enc).index_copy_(1, cols, (x - b_dec).T @ grad)
+        if need_x:
+            grad_x = grad @ w_cols.T
+        if need_b_enc or need_b_dec:
+            col_sums = grad.sum(0)
+            grad_b_enc = torch.zeros_like(W_enc[0]).index_copy_(0, cols, col_sums) if need_b_enc else None
+            grad_b_dec = -(w_cols @ col_sums) if need_b_dec else None
+        return None, grad_x, grad_w, grad_b_enc, grad_b_dec, None
+
+
+def pick_columns(pre: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, cols: Tensor) -> Tensor:
+    """The pre-activations of the latents `cols` (unique), [B, len(cols)], differentiable like `pick_pre_acts`."""
+    return _PickColumns.apply(pre, x, W_enc, b_enc, b_dec, cols)
 
 
 def sparse_decode(sel: Selection, values: Tensor, W_dec: Tensor) -> Tensor:

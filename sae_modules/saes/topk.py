@@ -8,7 +8,7 @@ from torch import Tensor
 from sae_modules.saes.base import SAE, SAEConfig, SAEConfigError, SAEInputError, SAEOutput
 from sae_modules.saes.sparse_ops import (
     Selection,
-    dead_topk_selection,
+    pick_columns,
     pick_pre_acts,
     sparse_decode,
     sparse_latents,
@@ -66,12 +66,16 @@ class TopKSAE(SAE):
         return recon, l2, {"l2": l2}
 
     def _auxk_loss(self, pre: Tensor, x: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
-        """How well the top dead latents reconstruct the residual, over the residual's variance."""
+        """How well each vector's top dead latents reconstruct its residual, over the residual's variance."""
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(self._cfg.auxk_k or self.d_in // 2, dead.numel())
-        sel = dead_topk_selection(pre, dead, k_aux)
-        values = pick_pre_acts(pre, x, self.W_enc, self.b_enc, self.b_dec, sel).relu()
-        err = squared_error(residual, sparse_decode(sel, values, self.W_dec))
+        block = pick_columns(pre, x, self.W_enc, self.b_enc, self.b_dec, dead)
+        if k_aux < dead.numel():
+            keep = torch.zeros_like(block, dtype=torch.bool)
+            keep.scatter_(1, block.detach().topk(k_aux, dim=1, sorted=False).indices, True)
+            block = block * keep
+        e_hat = block.relu() @ self.W_dec.index_select(0, dead)
+        err = squared_error(residual, e_hat)
         variance = squared_error(residual, residual.mean(0))
         return (err / variance).nan_to_num(0.0)
 
