@@ -29,8 +29,8 @@ def test_bench_train_runs_and_matches_the_reference_trajectory(
         assert row["vs_sparsify"] == pytest.approx(row["ours_vps"] / row["sparsify_topk_vps"])
         # Same initial weights, same batches, same maths: the sparse path trains exactly like the dense one.
         assert row["fvu_ours"] == pytest.approx(row["fvu_reference"], rel=1e-3)
-    topk = rows[0]
-    assert not math.isnan(topk["fvu_sparsify_topk"])
-    assert all(math.isnan(r["fvu_sparsify_topk"]) for r in rows[1:])
+    # sparsify's TopK runs the same maths as our TopK (its loss is ours over a constant, which Adam ignores).
+    assert rows[0]["fvu_sparsify_topk"] == pytest.approx(rows[0]["fvu_ours"], rel=1e-2)
+    assert not any(math.isnan(r["fvu_sparsify_topk"]) for r in rows)
     table = capsys.readouterr().out
     assert "| architecture |" in table and "| matryoshka_batchtopk |" in table
