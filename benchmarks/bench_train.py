@@ -17,6 +17,7 @@ model uses exactly k latents per vector on average. Sizes: d_in 1024, 16,384 lat
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -92,7 +93,7 @@ class ReferenceSAE(nn.Module):
         """(loss, reconstruction, latents)."""
         f = self.encode(x)
         recon, prefix = self.b_dec.expand_as(x), []
-        for a, b in zip(self.group_ends[:-1], self.group_ends[1:]):
+        for a, b in itertools.pairwise(self.group_ends):
             recon = recon + f[:, a:b] @ self.W_dec[a:b]
             prefix.append((x - recon).pow(2).sum(-1).mean())
         loss = torch.stack(prefix).mean()
@@ -102,7 +103,9 @@ class ReferenceSAE(nn.Module):
             k_aux = min(x.shape[1] // 2, int(dead_mask.sum()))
             values, idx = torch.where(dead_mask, pre, -torch.inf).topk(k_aux, dim=1)
             aux = torch.zeros_like(pre).scatter(1, idx, values.relu()) @ self.W_dec
-            auxk = (residual - aux).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
+            auxk = (residual - aux).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(
+                -1
+            ).mean()
             loss = loss + auxk / 32
         return loss, recon, f
 
@@ -153,8 +156,15 @@ def ours(size: BenchSize, arch: str, init: SAE) -> Runner:
         return out.recon, out.latents
 
     return Runner(
-        "ours", sae, step, recon, sae.normalize_decoder, sae.remove_parallel_decoder_grad,
-        size.lr, size.n_latents, size.dead_window,
+        "ours",
+        sae,
+        step,
+        recon,
+        sae.normalize_decoder,
+        sae.remove_parallel_decoder_grad,
+        size.lr,
+        size.n_latents,
+        size.dead_window,
     )
 
 
@@ -179,7 +189,9 @@ def reference(size: BenchSize, arch: str, init: SAE) -> Runner:
     def remove_parallel() -> None:
         ref.W_dec.grad -= (ref.W_dec.grad * ref.W_dec).sum(1, keepdim=True) * ref.W_dec
 
-    return Runner("reference", ref, step, recon, normalize, remove_parallel, size.lr, size.n_latents, size.dead_window)
+    return Runner(
+        "reference", ref, step, recon, normalize, remove_parallel, size.lr, size.n_latents, size.dead_window
+    )
 
 
 def sparsify_topk(size: BenchSize, init: SAE) -> Runner:
@@ -188,7 +200,9 @@ def sparsify_topk(size: BenchSize, init: SAE) -> Runner:
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU
     from sparsify import SparseCoder, SparseCoderConfig
 
-    coder = SparseCoder(size.d_in, SparseCoderConfig(num_latents=size.n_latents, k=size.k), device=init.W_enc.device)
+    coder = SparseCoder(
+        size.d_in, SparseCoderConfig(num_latents=size.n_latents, k=size.k), device=init.W_enc.device
+    )
     with torch.no_grad():
         coder.encoder.weight.copy_(init.W_enc.T)
         coder.encoder.bias.copy_(init.b_enc)
@@ -206,12 +220,21 @@ def sparsify_topk(size: BenchSize, init: SAE) -> Runner:
     @torch.no_grad()
     def recon(x: Tensor) -> tuple[Tensor, Tensor]:
         out = coder(x)
-        f = torch.zeros(x.shape[0], size.n_latents, device=x.device).scatter_(1, out.latent_indices, out.latent_acts)
+        f = torch.zeros(x.shape[0], size.n_latents, device=x.device).scatter_(
+            1, out.latent_indices, out.latent_acts
+        )
         return out.sae_out, f
 
     return Runner(
-        "sparsify", coder, step, recon, lambda: None, coder.remove_gradient_parallel_to_decoder_directions,
-        size.lr, size.n_latents, size.dead_window,
+        "sparsify",
+        coder,
+        step,
+        recon,
+        lambda: None,
+        coder.remove_gradient_parallel_to_decoder_directions,
+        size.lr,
+        size.n_latents,
+        size.dead_window,
     )
 
 
@@ -251,26 +274,37 @@ def run(size: BenchSize, device: torch.device) -> list[dict[str, float | str]]:
     rows: list[dict[str, float | str]] = []
     for i, arch in enumerate(ARCHITECTURES):
         torch.manual_seed(i)
-        groups = group_sizes_from_fractions(size.n_latents, MATRYOSHKA_FRACTIONS) if arch.startswith("matryoshka") else None
+        groups = (
+            group_sizes_from_fractions(size.n_latents, MATRYOSHKA_FRACTIONS)
+            if arch.startswith("matryoshka")
+            else None
+        )
         cfg = SAEConfig(
-            architecture=arch, d_in=size.d_in, n_latents=size.n_latents, k=size.k, group_sizes=groups,
-            dead_window=size.dead_window, threshold_decay=0.9,
+            architecture=arch,
+            d_in=size.d_in,
+            n_latents=size.n_latents,
+            k=size.k,
+            group_sizes=groups,
+            dead_window=size.dead_window,
+            threshold_decay=0.9,
         )
         init = build_sae(cfg).to(device)
         init.b_dec.data.copy_(batches[0].mean(0))
         mine, ref, sparsify = ours(size, arch, init), reference(size, arch, init), sparsify_topk(size, init)
         race([mine, ref, sparsify], batches, device)
-        rows.append({
-            "architecture": arch,
-            "ours_vps": vectors / mine.seconds,
-            "reference_vps": vectors / ref.seconds,
-            "sparsify_topk_vps": vectors / sparsify.seconds,
-            "vs_reference": ref.seconds / mine.seconds,
-            "vs_sparsify": sparsify.seconds / mine.seconds,
-            "fvu_ours": heldout_fvu(mine, heldout),
-            "fvu_reference": heldout_fvu(ref, heldout),
-            "fvu_sparsify_topk": heldout_fvu(sparsify, heldout),
-        })
+        rows.append(
+            {
+                "architecture": arch,
+                "ours_vps": vectors / mine.seconds,
+                "reference_vps": vectors / ref.seconds,
+                "sparsify_topk_vps": vectors / sparsify.seconds,
+                "vs_reference": ref.seconds / mine.seconds,
+                "vs_sparsify": sparsify.seconds / mine.seconds,
+                "fvu_ours": heldout_fvu(mine, heldout),
+                "fvu_reference": heldout_fvu(ref, heldout),
+                "fvu_sparsify_topk": heldout_fvu(sparsify, heldout),
+            }
+        )
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     return rows
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -125,13 +126,15 @@ def dense_reference_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> tuple
         f = torch.zeros(n_rows * n).scatter(0, idx, values.relu()).view(n_rows, n)
     ends = [0, *torch.tensor(sae.cfg.group_sizes or [n]).cumsum(0).tolist()]
     recon, prefix = sae.b_dec.expand_as(x), []
-    for a, b in zip(ends[:-1], ends[1:]):
+    for a, b in itertools.pairwise(ends):
         recon = recon + f[:, a:b] @ sae.W_dec[a:b]
         prefix.append((x - recon).pow(2).sum(-1).mean())
     residual = (x - recon).detach()
     aux_values, aux_idx = torch.where(dead, pre, -torch.inf).topk(min(D_IN // 2, int(dead.sum())), dim=1)
     aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_values.relu())
-    auxk = (residual - aux @ sae.W_dec).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    auxk = (residual - aux @ sae.W_dec).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(
+        -1
+    ).mean()
     return torch.stack(prefix).mean() + sae.cfg.auxk_alpha * auxk, f
 
 
@@ -256,7 +259,16 @@ def test_forward_keeps_leading_shape_and_rejects_wrong_width() -> None:
     [
         ({"architecture": "topk", "d_in": 4, "n_latents": 8}, "needs k"),
         ({"architecture": "topk", "d_in": 4, "n_latents": 8, "k": 9}, "k=9 exceeds n_latents=8"),
-        ({"architecture": "matryoshka_batchtopk", "d_in": 4, "n_latents": 8, "k": 2, "group_sizes": [4, 3]}, "sum"),
+        (
+            {
+                "architecture": "matryoshka_batchtopk",
+                "d_in": 4,
+                "n_latents": 8,
+                "k": 2,
+                "group_sizes": [4, 3],
+            },
+            "sum",
+        ),
         ({"architecture": "topk", "d_in": 4, "n_latents": 8, "k": 2, "group_sizes": [8]}, "group_sizes"),
         ({"architecture": "relu", "d_in": 0, "n_latents": 8}, "d_in"),
         ({"architecture": "relu", "d_in": 4, "n_latents": 8, "threshold_decay": 1.0}, "threshold_decay"),

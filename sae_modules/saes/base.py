@@ -23,8 +23,12 @@ class SourceInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_id: str | None = None
-    layer: int | None = Field(None, description="Block whose residual output is read; negative counts from the end.")
-    tokens: str | None = Field(None, description="Token selection used for training: all, cls, patches, mean, random:K.")
+    layer: int | None = Field(
+        None, description="Block whose residual output is read; negative counts from the end."
+    )
+    tokens: str | None = Field(
+        None, description="Token selection used for training: all, cls, patches, mean, random:K."
+    )
     dataset: str | None = None
 
 
@@ -48,14 +52,18 @@ class SAEConfig(BaseModel):
     threshold: float | None = Field(
         None, description="Global inference threshold θ of BatchTopK/Matryoshka (raw activation units)."
     )
-    group_sizes: list[PositiveInt] | None = Field(None, description="Matryoshka nested group sizes, summing to n_latents.")
+    group_sizes: list[PositiveInt] | None = Field(
+        None, description="Matryoshka nested group sizes, summing to n_latents."
+    )
     rescale_acts_by_decoder_norm: bool = Field(
         False, description="SAELens topk option: latents are scaled by their decoder norm before selection."
     )
     l1_coeff: float = Field(0.0, ge=0, description="ReLU SAE sparsity penalty.")
     auxk_alpha: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss on dead latents.")
     auxk_k: PositiveInt | None = Field(None, description="Latents the AuxK loss uses; default d_in // 2.")
-    dead_window: PositiveInt = Field(10_000_000, description="A latent unfired for this many samples is dead.")
+    dead_window: PositiveInt = Field(
+        10_000_000, description="A latent unfired for this many samples is dead."
+    )
     threshold_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay of the BatchTopK threshold.")
     source: SourceInfo = Field(default_factory=SourceInfo)
     metrics: dict[str, float] = Field(default_factory=dict)

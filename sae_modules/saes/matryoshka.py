@@ -37,11 +37,11 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         super().__init__(cfg)
         if cfg.group_sizes is None or sum(cfg.group_sizes) != cfg.n_latents:
             raise SAEConfigError(f"group_sizes {cfg.group_sizes} must sum to n_latents={cfg.n_latents}")
-        self.register_buffer(
-            "group_ends", torch.tensor(cfg.group_sizes).cumsum(0), persistent=False
-        )
+        self.register_buffer("group_ends", torch.tensor(cfg.group_sizes).cumsum(0), persistent=False)
 
-    def _recon_loss(self, x: Tensor, sel: Selection, values: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def _recon_loss(
+        self, x: Tensor, sel: Selection, values: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         group = torch.bucketize(sel.cols, self.group_ends, right=True)
         recon = self.b_dec.expand_as(x)
         prefix_losses = []

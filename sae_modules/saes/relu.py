@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from sae_modules.saes.base import SAE, SAEOutput
-from sae_modules.saes.topk import squared_error
 
 
 class ReLUSAE(SAE):

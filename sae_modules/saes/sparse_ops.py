@@ -111,19 +111,25 @@ class _PickPreActs(torch.autograd.Function):
         need_x, need_w, need_b_enc, need_b_dec = ctx.needs_input_grad[1:5]
         grad_x = grad_w = grad_b_enc = grad_b_dec = None
         grad = grad.contiguous()
-        sparse = torch.sparse_csr_tensor(crow, cols, grad, (x.shape[0], W_enc.shape[1]), check_invariants=False)
+        sparse = torch.sparse_csr_tensor(
+            crow, cols, grad, (x.shape[0], W_enc.shape[1]), check_invariants=False
+        )
         if need_w:
             grad_w = torch.mm((x - b_dec).T, sparse)
         if need_x:
             grad_x = torch.mm(sparse, W_enc.T)
         if need_b_enc or need_b_dec:
-            col_sums = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+            col_sums = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(
+                0, cols, grad
+            )
             grad_b_enc = col_sums if need_b_enc else None
             grad_b_dec = -(W_enc @ col_sums) if need_b_dec else None
         return None, grad_x, grad_w, grad_b_enc, grad_b_dec, None, None, None
 
 
-def pick_pre_acts(pre: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, sel: Selection) -> Tensor:
+def pick_pre_acts(
+    pre: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, sel: Selection
+) -> Tensor:
     """The selected pre-activations [nnz], differentiable w.r.t. x and the encoder parameters."""
     return _PickPreActs.apply(pre, x, W_enc, b_enc, b_dec, sel.rows, sel.cols, sel.crow)
 

@@ -59,7 +59,9 @@ class TopKSAE(SAE):
             ws = self._workspace = torch.empty(shape, dtype=x.dtype, device=x.device)
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc, out=ws)
 
-    def _recon_loss(self, x: Tensor, sel: Selection, values: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def _recon_loss(
+        self, x: Tensor, sel: Selection, values: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(reconstruction, reconstruction loss, loss terms to log)."""
         recon = sparse_decode(sel, values, self.W_dec) + self.b_dec
         l2 = squared_error(x, recon)
