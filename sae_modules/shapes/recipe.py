@@ -39,7 +39,7 @@ class Recipe:
     clip_batch: int = 64
     clip_lr: float = 2e-3
     align_steps: int = 100
-    instruct_steps: int = 800
+    instruct_steps: int = 2000
     lm_batch: int = 48
     lm_lr: float = 1e-3
     instruct_tower_lr: float = 1e-3

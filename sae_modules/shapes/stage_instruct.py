@@ -2,8 +2,9 @@
 
 As in LLaVA-NeXT's fine-tuning stage, the vision tower trains too (`recipe.instruct_tower_lr`;
 0 keeps it frozen as LLaVA-1.5 does). A tower trained contrastively from scratch for minutes on a
-CPU knows colours well but shapes only roughly (frozen, the model named the shape of 52% of
-held-out images); the answers' gradient reaches the blocks up to the one the projector reads.
+CPU knows colours well but shapes only roughly: frozen, the model named the shape of 52% of
+held-out images; training with the answers (800 steps) raised that to 73%. The answers' gradient
+reaches every block up to the one the projector reads.
 """
 
 from __future__ import annotations
