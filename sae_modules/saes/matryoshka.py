@@ -10,8 +10,7 @@ from torch import Tensor
 
 from sae_modules.saes.base import SAEConfig, SAEConfigError
 from sae_modules.saes.batchtopk import BatchTopKSAE
-from sae_modules.saes.sparse_ops import Selection, sparse_decode
-from sae_modules.saes.topk import squared_error
+from sae_modules.saes.sparse_ops import Selection, crow_from_rows, sparse_decode
 
 
 def group_sizes_from_fractions(n_latents: int, fractions: list[float]) -> list[int]:
@@ -42,12 +41,14 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     def _recon_loss(
         self, x: Tensor, sel: Selection, values: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        group = torch.bucketize(sel.cols, self.group_ends, right=True)
-        recon = self.b_dec.expand_as(x)
-        prefix_losses = []
-        for g in range(len(self._cfg.group_sizes)):
-            keep = group == g
-            recon = recon + sparse_decode(sel.subset(keep), values[keep], self.W_dec)
-            prefix_losses.append(squared_error(x, recon))
-        prefix = torch.stack(prefix_losses)
-        return recon, prefix.mean(), {"l2": prefix[-1], "prefix_l2": prefix.mean()}
+        """All group contributions in one `embedding_bag` with one bag per (vector, group): a
+        vector's entries are sorted by latent, hence by group, so the bags are contiguous; one
+        decode means one decoder gradient instead of one per group."""
+        n_groups = len(self._cfg.group_sizes)
+        bag = sel.rows * n_groups + torch.bucketize(sel.cols, self.group_ends, right=True)
+        n_bags = x.shape[0] * n_groups
+        bags = Selection(bag, sel.cols, crow_from_rows(bag, n_bags), (n_bags, self.n_latents))
+        parts = sparse_decode(bags, values, self.W_dec).view(x.shape[0], n_groups, -1)
+        prefixes = parts.cumsum(dim=1) + self.b_dec
+        prefix_l2 = (x.unsqueeze(1) - prefixes).pow(2).sum(-1).mean(0)
+        return prefixes[:, -1], prefix_l2.mean(), {"l2": prefix_l2[-1], "prefix_l2": prefix_l2.mean()}

@@ -36,13 +36,9 @@ class Selection(NamedTuple):
     def nnz(self) -> int:
         return self.cols.numel()
 
-    def subset(self, keep: Tensor) -> Selection:
-        """The entries where `keep` (bool [nnz]) holds, still row-major."""
-        rows = self.rows[keep]
-        return Selection(rows, self.cols[keep], _crow_from_rows(rows, self.shape[0]), self.shape)
 
-
-def _crow_from_rows(rows: Tensor, n_rows: int) -> Tensor:
+def crow_from_rows(rows: Tensor, n_rows: int) -> Tensor:
+    """CSR row pointers [n_rows + 1] for row-major entries with these (sorted) row ids."""
     counts = torch.bincount(rows, minlength=n_rows)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
@@ -58,7 +54,7 @@ def _from_row_slots(slot_cols: Tensor, chosen: Tensor | None, n_latents: int) ->
     chosen = chosen.gather(1, order)
     flat = chosen.flatten().nonzero().squeeze(1)
     rows = flat // c
-    return Selection(rows, slot_cols.flatten()[flat], _crow_from_rows(rows, n_rows), (n_rows, n_latents))
+    return Selection(rows, slot_cols.flatten()[flat], crow_from_rows(rows, n_rows), (n_rows, n_latents))
 
 
 def topk_selection(pre: Tensor, k: int) -> Selection:
@@ -90,7 +86,7 @@ def batch_topk_selection(pre: Tensor, k: int) -> Selection:
 def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:
     """Entries above the global threshold θ (and above zero): BatchTopK's inference rule."""
     rows, cols = (pre > threshold.clamp_min(0)).nonzero(as_tuple=True)
-    return Selection(rows, cols, _crow_from_rows(rows, pre.shape[0]), tuple(pre.shape))
+    return Selection(rows, cols, crow_from_rows(rows, pre.shape[0]), tuple(pre.shape))
 
 
 class _PickPreActs(torch.autograd.Function):
