@@ -7,7 +7,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from sae_modules.intervention_spec import Intervention
-from sae_modules.shapes import DEMO_MODEL_DIR, DEMO_SAE_DIR, ASSETS_DIR
+from sae_modules.shapes import ASSETS_DIR, DEMO_MODEL_DIR, DEMO_SAE_DIR
 from sae_modules.shapes.concepts import most_selective_latent, selectivity
 from sae_modules.shapes.evaluate import HELD_OUT_SEED, answer_accuracy
 from sae_modules.shapes.manifest import verify_manifest
@@ -27,7 +27,9 @@ def manifest() -> dict:
 
 @pytest.fixture(scope="module")
 def llava():
-    return LlavaForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR).eval(), AutoProcessor.from_pretrained(DEMO_MODEL_DIR)
+    return LlavaForConditionalGeneration.from_pretrained(
+        DEMO_MODEL_DIR
+    ).eval(), AutoProcessor.from_pretrained(DEMO_MODEL_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,9 @@ def _steered_answers(engine, pixels, latent: int, value: float, question: str, w
     return steered, (_answers(engine, [e.default for e in embeds], question) if want_default else None)
 
 
-@pytest.mark.parametrize(("attribute", "concept", "question"), [("colour", "red", COLOUR_Q), ("shape", "star", SHAPE_Q)])
+@pytest.mark.parametrize(
+    ("attribute", "concept", "question"), [("colour", "red", COLOUR_Q), ("shape", "star", SHAPE_Q)]
+)
 def test_pinning_the_concept_latent_steers_the_answer(engine, attribute, concept, question) -> None:
     """Paper mode (reconstruction, no error term) on all tokens: the latent found for `concept` becomes the answer.
 
@@ -108,14 +112,18 @@ def test_pinning_the_concept_latent_steers_the_answer(engine, attribute, concept
     natural_max = float(per_image[[label == concept for label in labels], latent].max())
 
     def not_concept(count: int, seed: int) -> list:
-        return [image for image, a in generate(4 * count, seed=seed) if getattr(a, attribute) != concept][:count]
+        return [image for image, a in generate(4 * count, seed=seed) if getattr(a, attribute) != concept][
+            :count
+        ]
 
     calibration = engine.preprocess(not_concept(8, seed=31))
     hits = {m: _steered_answers(engine, calibration, latent, natural_max * m, question)[0].count(concept)
             for m in (1, 2, 5, 10, 20)}  # fmt: skip
     multiple = max(hits, key=hits.get)
 
-    images, attrs = zip(*[(image, a) for image, a in generate(120, seed=777) if getattr(a, attribute) != concept][:30])
+    images, attrs = zip(
+        *[(image, a) for image, a in generate(120, seed=777) if getattr(a, attribute) != concept][:30]
+    )
     steered, default = _steered_answers(engine, engine.preprocess(list(images)), latent, natural_max * multiple,
                                         question, want_default=True)  # fmt: skip
     truth = [getattr(a, attribute) for a in attrs]

@@ -9,9 +9,17 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from sae_modules.shapes.builder import BuilderError, build_llava, build_processor, build_tokenizer
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
-TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
-CONVERSATION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
+TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+CONVERSATION = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}
+]
 
 
 def test_tokenizer_lowercases_splits_punctuation_and_keeps_image_token() -> None:

@@ -52,8 +52,15 @@ def test_pixels_match_attributes() -> None:
     assert np.abs(pixels[32, 32] - np.array([40, 75, 215])).max() <= 2
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [({"shape": "blob"}, "shape"), ({"colour": "teal"}, "colour"),
-                                               ({"image_size": 32}, "image_size"), ({"count": -1}, "count")])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"shape": "blob"}, "shape"),
+        ({"colour": "teal"}, "colour"),
+        ({"image_size": 32}, "image_size"),
+        ({"count": -1}, "count"),
+    ],
+)
 def test_bad_requests_name_the_field(kwargs, field) -> None:
     args = {"count": 1, "seed": 0, **kwargs}
     with pytest.raises(WorldError, match=field):
@@ -79,7 +86,11 @@ def test_examples_are_named_for_what_they_show(tmp_path) -> None:
 
 
 def test_taxonomy_has_three_levels_and_consistent_parents() -> None:
-    assert [len(taxonomy.level_labels(level)) for level in (1, 2, 3)] == [2, len(SHAPES), len(SHAPES) * len(COLOURS)]
+    assert [len(taxonomy.level_labels(level)) for level in (1, 2, 3)] == [
+        2,
+        len(SHAPES),
+        len(SHAPES) * len(COLOURS),
+    ]
     for _, attrs in generate(50, seed=4):
         family, shape, coloured = taxonomy.label_path(attrs)
         assert taxonomy.parent(coloured) == shape and taxonomy.parent(shape) == family

@@ -19,7 +19,9 @@ from sae_modules.shapes.world import ShapeAttributes, render, sample_attributes
 IGNORE = -100
 
 
-def draw_images(rng: random.Random, count: int, image_size: int) -> tuple[list[Image.Image], list[ShapeAttributes]]:
+def draw_images(
+    rng: random.Random, count: int, image_size: int
+) -> tuple[list[Image.Image], list[ShapeAttributes]]:
     attrs = [sample_attributes(rng, image_size) for _ in range(count)]
     return [render(a, image_size) for a in attrs], attrs
 
@@ -50,14 +52,21 @@ def qa_batch(
         prompts.append(chat_prompt(processor, sample_question(rng, kind)))
         answers.append(answer(kind, a))
     inputs = processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
-    answer_ids = [tokenizer(" " + text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in answers]
+    answer_ids = [
+        tokenizer(" " + text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        for text in answers
+    ]
     width = max(len(ids) for ids in answer_ids)
     rows, masks, labels = [], [], []
     for prompt_ids, prompt_mask, ids in zip(inputs.input_ids, inputs.attention_mask, answer_ids):
         pad = width - len(ids)
         # Left padding for the whole row keeps every answer flush right, as in generation.
         rows.append(torch.cat([torch.full((pad,), tokenizer.pad_token_id), prompt_ids, torch.tensor(ids)]))
-        masks.append(torch.cat([torch.zeros(pad, dtype=torch.long), prompt_mask, torch.ones(len(ids), dtype=torch.long)]))
+        masks.append(
+            torch.cat(
+                [torch.zeros(pad, dtype=torch.long), prompt_mask, torch.ones(len(ids), dtype=torch.long)]
+            )
+        )
         labels.append(torch.cat([torch.full((pad + len(prompt_ids),), IGNORE), torch.tensor(ids)]))
     attention_mask = torch.stack(masks)
     return {

@@ -49,7 +49,13 @@ def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = 
         figures |= stats
         timings["clip"] = time.perf_counter() - tick
 
-        model = build_llava(processor, vision=recipe.vision, text=recipe.text, vision_feature_layer=SAE_LAYER, seed=recipe.seed)
+        model = build_llava(
+            processor,
+            vision=recipe.vision,
+            text=recipe.text,
+            vision_feature_layer=SAE_LAYER,
+            seed=recipe.seed,
+        )
         model.model.vision_tower.load_state_dict(tower.state_dict())
         tick = time.perf_counter()
         figures |= align_projector(model, processor, recipe, progress)
@@ -86,7 +92,8 @@ def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = 
         "sae_layer": SAE_LAYER,
         "accuracy": {"held_out_seed": HELD_OUT_SEED, "images": eval_images, **accuracy},
         "training": figures,
-        "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - started, 1)},
+        "seconds": {k: round(v, 1) for k, v in timings.items()}
+        | {"total": round(time.perf_counter() - started, 1)},
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": recipe.threads,
@@ -108,7 +115,10 @@ def _copy_files(source: Path, staging: Path) -> None:
 def replace_dir(target: Path, fill: Callable[[Path], None]) -> None:
     """Fill a sibling staging folder, then swap it in: `target` is always the old or the new whole folder."""
     tag = uuid.uuid4().hex[:12]
-    staging, retired = target.parent / f".{target.name}.tmp-{tag}", target.parent / f".{target.name}.old-{tag}"
+    staging, retired = (
+        target.parent / f".{target.name}.tmp-{tag}",
+        target.parent / f".{target.name}.old-{tag}",
+    )
     staging.mkdir(parents=True)
     try:
         fill(staging)

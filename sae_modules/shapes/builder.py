@@ -55,7 +55,9 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
@@ -125,7 +127,9 @@ def build_llava(
         **text,
     }
     if text["vocab_size"] < len(tokenizer):
-        raise BuilderError(f"text.vocab_size: {text['vocab_size']} is smaller than the tokenizer's {len(tokenizer)}")
+        raise BuilderError(
+            f"text.vocab_size: {text['vocab_size']} is smaller than the tokenizer's {len(tokenizer)}"
+        )
     vision_config = CLIPVisionConfig(**vision)
     text_config = LlamaConfig(**text)
     head_dim = text_config.hidden_size // text_config.num_attention_heads

@@ -20,9 +20,13 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def main(
     out: Annotated[Path, typer.Option(help="Folder for model/, sae/ and MANIFEST.json.")] = ASSETS_DIR,
     seed: Annotated[int, typer.Option(help="Seed of every stage.")] = 0,
-    tiny: Annotated[bool, typer.Option(help="Toy sizes: proves the pipeline runs, not that it learns.")] = False,
+    tiny: Annotated[
+        bool, typer.Option(help="Toy sizes: proves the pipeline runs, not that it learns.")
+    ] = False,
     eval_images: Annotated[int, typer.Option(min=1, help="Held-out images for the accuracy figures.")] = 200,
-    examples: Annotated[Path | None, typer.Option(help="Also write the example images into this folder.")] = None,
+    examples: Annotated[
+        Path | None, typer.Option(help="Also write the example images into this folder.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train the demo model and SAE deterministically and write their manifest."""

@@ -18,13 +18,20 @@ HELD_OUT_SEED = 20_260_529
 
 @torch.no_grad()
 def ask(
-    model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: list, question: str, max_new_tokens: int = 4
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    images: list,
+    question: str,
+    max_new_tokens: int = 4,
 ) -> list[str]:
     """Greedy answers to one question about each image, decoded without special tokens."""
     prompt = chat_prompt(processor, question)
     inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return [text.strip() for text in processor.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)]
+    return [
+        text.strip()
+        for text in processor.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    ]
 
 
 def answer_accuracy(
@@ -44,5 +51,7 @@ def answer_accuracy(
         chunk = list(images[start : start + batch_size])
         for kind in kinds:
             replies = ask(model, processor, chunk, QUESTIONS[kind][0])
-            right[kind] += sum(r == answer(kind, a) for r, a in zip(replies, attrs[start : start + batch_size]))
+            right[kind] += sum(
+                r == answer(kind, a) for r, a in zip(replies, attrs[start : start + batch_size])
+            )
     return {kind: right[kind] / count for kind in kinds}

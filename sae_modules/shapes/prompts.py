@@ -46,7 +46,12 @@ QUESTIONS: dict[QuestionKind, tuple[str, ...]] = {
 }
 QUESTION_KINDS: tuple[QuestionKind, ...] = tuple(QUESTIONS)
 
-CAPTIONS = ("a {colour} {shape}", "a photo of a {colour} {shape}", "{colour} {shape}", "a {shape} that is {colour}")
+CAPTIONS = (
+    "a {colour} {shape}",
+    "a photo of a {colour} {shape}",
+    "{colour} {shape}",
+    "a {shape} that is {colour}",
+)
 
 
 def answer(kind: QuestionKind, attrs: ShapeAttributes) -> str:

@@ -20,20 +20,30 @@ class Recipe:
     image_size: int = 48  # what the tower sees after the processor's resize
     patch_size: int = 8
     vision: dict = field(
-        default_factory=lambda: dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+        default_factory=lambda: {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+        }
     )
     text: dict = field(
-        default_factory=lambda: dict(
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
+        default_factory=lambda: {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+        }
     )
     clip_text: dict = field(
-        default_factory=lambda: dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
+        default_factory=lambda: {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        }
     )
     clip_steps: int = 1000
     clip_batch: int = 64
@@ -51,16 +61,17 @@ class Recipe:
     sae_steps: int = 1500
     sae_batch: int = 512
     sae_lr: float = 1e-3
+    sae_dead_window: int = 50_000  # samples; the paper's 10M is more than this whole run sees
 
     @classmethod
     def tiny(cls, seed: int = 0) -> Recipe:
         """The full pipeline at toy size: proves the rebuild runs end to end, not that it learns."""
         return replace(
             cls(seed=seed),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-            text=dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
-                      num_key_value_heads=1, max_position_embeddings=128),
-            clip_text=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1),
+            vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+            text={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
+                      "num_key_value_heads": 1, "max_position_embeddings": 128},
+            clip_text={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1},
             clip_steps=3, clip_batch=8, align_steps=2, instruct_steps=2, lm_batch=4,
             sae_images=40, sae_tokens=4, sae_expansion=2, sae_k=4, sae_steps=5, sae_batch=64,
         )  # fmt: skip

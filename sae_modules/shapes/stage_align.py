@@ -13,7 +13,9 @@ from sae_modules.shapes.lm_loop import train_answers
 from sae_modules.shapes.recipe import Recipe
 
 
-def align_projector(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: Recipe, progress: bool = True) -> dict:
+def align_projector(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: Recipe, progress: bool = True
+) -> dict:
     return train_answers(
         model,
         processor,

@@ -17,7 +17,9 @@ from sae_modules.shapes.prompts import sample_caption
 from sae_modules.shapes.recipe import Recipe
 
 
-def multi_positive_clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, same: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def multi_positive_clip_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, same: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE where `same[i, j]` marks image i and caption j as describing the same thing."""
     logits = scale * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
     targets = same.float() / same.sum(dim=1, keepdim=True)
@@ -27,7 +29,9 @@ def multi_positive_clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tens
     return (image_loss + text_loss) / 2
 
 
-def train_clip(recipe: Recipe, processor: LlavaProcessor, progress: bool = True) -> tuple[CLIPVisionModel, dict]:
+def train_clip(
+    recipe: Recipe, processor: LlavaProcessor, progress: bool = True
+) -> tuple[CLIPVisionModel, dict]:
     """The trained vision tower and the stage's figures (final loss, in-batch caption accuracy)."""
     tokenizer = processor.tokenizer
     vision = {"image_size": recipe.image_size, "patch_size": recipe.patch_size, **recipe.vision}
@@ -42,7 +46,9 @@ def train_clip(recipe: Recipe, processor: LlavaProcessor, progress: bool = True)
     torch.manual_seed(recipe.seed)
     clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=64)).train()
     optimizer = torch.optim.AdamW(clip.parameters(), lr=recipe.clip_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.clip_lr, total_steps=recipe.clip_steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=recipe.clip_lr, total_steps=recipe.clip_steps, pct_start=0.1
+    )
     rng = recipe.rng("clip")
     # Right padding: CLIP's text tower pools at the first `</s>`.
     tokenizer_side, tokenizer.padding_side = tokenizer.padding_side, "right"
@@ -56,7 +62,9 @@ def train_clip(recipe: Recipe, processor: LlavaProcessor, progress: bool = True)
             labels = [a.label for a in attrs]
             same = torch.tensor([[x == y for y in labels] for x in labels])
             out = clip(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
-            loss = multi_positive_clip_loss(out.image_embeds, out.text_embeds, same, clip.logit_scale.exp().clamp(max=100))
+            loss = multi_positive_clip_loss(
+                out.image_embeds, out.text_embeds, same, clip.logit_scale.exp().clamp(max=100)
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -67,4 +75,7 @@ def train_clip(recipe: Recipe, processor: LlavaProcessor, progress: bool = True)
         tokenizer.padding_side = tokenizer_side
     tower = CLIPVisionModel(clip.config.vision_config)
     tower.load_state_dict(clip.vision_model.state_dict())
-    return tower.eval(), {"clip_loss": round(loss.item(), 4), "clip_batch_accuracy": round(float(accuracy), 4)}
+    return tower.eval(), {
+        "clip_loss": round(loss.item(), 4),
+        "clip_batch_accuracy": round(float(accuracy), 4),
+    }

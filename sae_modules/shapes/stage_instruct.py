@@ -16,7 +16,9 @@ from sae_modules.shapes.prompts import QUESTION_KINDS
 from sae_modules.shapes.recipe import Recipe
 
 
-def instruct(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: Recipe, progress: bool = True) -> dict:
+def instruct(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: Recipe, progress: bool = True
+) -> dict:
     return train_answers(
         model,
         processor,

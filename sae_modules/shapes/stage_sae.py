@@ -27,7 +27,9 @@ SAE_LAYER = -2  # LLaVA-1.5's vision_feature_layer: the block whose output the p
 def train_demo_sae(model_dir: Path, work_dir: Path, recipe: Recipe, progress: bool = True) -> Path:
     """Write SAE-training images, extract block -2 activations from the saved model, train; returns the SAE dir."""
     images = work_dir / "images"
-    write_folder(images, recipe.sae_images, seed=f"shapes-{recipe.seed}-sae-images", image_size=recipe.world_size)
+    write_folder(
+        images, recipe.sae_images, seed=f"shapes-{recipe.seed}-sae-images", image_size=recipe.world_size
+    )
     plan = ExtractionPlan(
         model=str(model_dir),
         layer=SAE_LAYER,
@@ -37,7 +39,9 @@ def train_demo_sae(model_dir: Path, work_dir: Path, recipe: Recipe, progress: bo
         batch_size=64,
     )
     shards = work_dir / "activations"
-    run_extraction(load_tower(str(model_dir), device="cpu"), FolderImages(images), shards, plan, progress=progress)
+    run_extraction(
+        load_tower(str(model_dir), device="cpu"), FolderImages(images), shards, plan, progress=progress
+    )
     config = TrainConfig(
         shards=shards,
         out=work_dir / "sae-run",
@@ -50,6 +54,7 @@ def train_demo_sae(model_dir: Path, work_dir: Path, recipe: Recipe, progress: bo
         lr=recipe.sae_lr,
         warmup_steps=max(1, recipe.sae_steps // 20),
         seed=recipe.seed,
+        dead_window=recipe.sae_dead_window,
         holdout=0.1,
         checkpoint_every=recipe.sae_steps,
         keep_checkpoints=1,

@@ -56,7 +56,9 @@ class ShapeAttributes:
         return f"a {self.colour} {self.shape}"
 
 
-def _polygon(cx: float, cy: float, radius: float, corners: int, rotation: float, inner: float | None = None) -> list:
+def _polygon(
+    cx: float, cy: float, radius: float, corners: int, rotation: float, inner: float | None = None
+) -> list:
     """Vertices of a regular polygon (or a star, alternating `inner`-scaled radii) around a centre."""
     points = []
     steps = corners * 2 if inner else corners
@@ -78,7 +80,9 @@ def _draw(draw: ImageDraw.ImageDraw, attrs: ShapeAttributes, scale: int) -> None
         draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=fill)
     elif attrs.shape == "square":
         side = half * 0.9
-        draw.polygon(_polygon(cx, cy, side * math.sqrt(2), 4, attrs.rotation % (math.pi / 8) + math.pi / 4), fill=fill)
+        draw.polygon(
+            _polygon(cx, cy, side * math.sqrt(2), 4, attrs.rotation % (math.pi / 8) + math.pi / 4), fill=fill
+        )
     elif attrs.shape == "triangle":
         draw.polygon(_polygon(cx, cy + half * 0.15, half * 1.1, 3, attrs.rotation % (math.pi / 8)), fill=fill)
     elif attrs.shape == "cross":
@@ -91,7 +95,9 @@ def _draw(draw: ImageDraw.ImageDraw, attrs: ShapeAttributes, scale: int) -> None
         raise WorldError(f"shape: unknown shape {attrs.shape!r}; expected one of {SHAPES}")
 
 
-def sample_attributes(rng: random.Random, image_size: int, shape: str | None = None, colour: str | None = None) -> ShapeAttributes:
+def sample_attributes(
+    rng: random.Random, image_size: int, shape: str | None = None, colour: str | None = None
+) -> ShapeAttributes:
     """Draw one image's ground truth; `shape`/`colour` fix those attributes instead of sampling them."""
     shape = shape or rng.choice(SHAPES)
     colour = colour or rng.choice(tuple(COLOURS))
@@ -136,7 +142,9 @@ def generate(
         yield render(attrs, image_size), attrs
 
 
-def write_folder(folder: str | Path, count: int, seed: int | str, image_size: int = 64) -> list[ShapeAttributes]:
+def write_folder(
+    folder: str | Path, count: int, seed: int | str, image_size: int = 64
+) -> list[ShapeAttributes]:
     """Write `count` images as `<folder>/<colour>_<shape>/<index>.png` (the layout `vlm-steer extract` reads).
 
     Each file is written to a temporary name and renamed, so a killed run never leaves a torn PNG.
@@ -153,7 +161,14 @@ def write_folder(folder: str | Path, count: int, seed: int | str, image_size: in
     return written
 
 
-EXAMPLES = (("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "square"), ("purple", "star"), ("orange", "cross"))
+EXAMPLES = (
+    ("red", "circle"),
+    ("blue", "square"),
+    ("green", "triangle"),
+    ("yellow", "square"),
+    ("purple", "star"),
+    ("orange", "cross"),
+)
 
 
 def write_examples(folder: str | Path, image_size: int = 64) -> list[Path]:
