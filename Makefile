@@ -31,11 +31,11 @@ test: $(STAMP) chromium
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
-# Starts Ray Serve on 127.0.0.1:$(PORT) with the demo model (or CONFIG=settings.yaml), waits until ready, prints a curl example.
 # The default model and SAE (sae_modules/shapes/assets) and examples/*.png, rebuilt deterministically.
 demo-model: $(STAMP)
 	$(PY) -m sae_modules.shapes.cli --out sae_modules/shapes/assets --examples examples
 
+# Starts Ray Serve on 127.0.0.1:$(PORT) with the demo model (or CONFIG=settings.yaml), waits until ready, prints a curl example.
 serve: $(STAMP)
 	PORT=$(PORT) $(VENV)/bin/vlm-steer serve --host 127.0.0.1 --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
