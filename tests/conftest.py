@@ -33,3 +33,17 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def local_ray():
+    """A 2-CPU local Ray (tests/ray_app.py), or the one already running in this process."""
+    import ray
+
+    from tests.ray_app import local_ray as ray_cluster
+
+    if ray.is_initialized():
+        yield ray
+        return
+    with ray_cluster(num_cpus=2):
+        yield ray

@@ -20,21 +20,31 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_serve(num_cpus: int = 2, dashboard: bool = False) -> Iterator[str]:
-    """Start Ray and Serve; yield the proxy's base URL (deploy apps with `service.serve_cli.run_app`).
+def local_ray(num_cpus: int = 2, dashboard: bool = False) -> Iterator[None]:
+    """A local Ray in a short temp dir under /tmp, shut down and removed afterwards.
 
     `dashboard` starts Ray's dashboard on a free port: the state API (`ray.util.state`) needs it."""
     import ray
-    from ray import serve
 
     ray_dir = tempfile.mkdtemp(prefix="vs", dir="/tmp")
     ray.init(_temp_dir=ray_dir, include_dashboard=dashboard, dashboard_port=free_port() if dashboard else None,
-             num_cpus=num_cpus, log_to_driver=False)
+             num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
-        serve.shutdown()
         ray.shutdown()
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@contextmanager
+def local_serve(num_cpus: int = 2, dashboard: bool = False) -> Iterator[str]:
+    """Start Ray and Serve; yield the proxy's base URL (deploy apps with `service.serve_cli.run_app`)."""
+    from ray import serve
+
+    with local_ray(num_cpus, dashboard):
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()

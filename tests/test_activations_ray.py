@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from sae_modules.activations.extract import ExtractionPlan, run_extraction
@@ -12,24 +11,6 @@ from sae_modules.activations.shards import iter_shards
 from sae_modules.activations.tokens import TokenSelection
 from sae_modules.activations.towers import load_tower
 from tests import activations_fixtures as fx
-
-
-@pytest.fixture
-def local_ray(tmp_path_factory):
-    """A 2-CPU local cluster; its temp dir is short because Ray's socket paths must fit 107 bytes."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        configure_logging=False,
-    )
-    yield ray
-    ray.shutdown()
 
 
 def _rows(out) -> dict[str, torch.Tensor]:

@@ -12,21 +12,6 @@ from train_fixtures import sparse_activations, write_shards
 from sae_modules.train import TrainConfig, train_sae
 
 
-@pytest.fixture
-def local_ray(tmp_path_factory):
-    """A 2-CPU local cluster; its temp dir is short because Ray's socket paths must fit 107 bytes."""
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        configure_logging=False,
-    )
-    yield ray
-    ray.shutdown()
-
-
 def test_two_ray_workers_train_the_same_sae_as_one_process(local_ray, tmp_path):
     write_shards(tmp_path / "shards", sparse_activations(3 * 128), shard_size=128)
     # per-vector TopK without AuxK: splitting a batch over ranks and averaging gradients is exact
