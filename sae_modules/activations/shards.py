@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
+
+from sae_modules.atomic_file import write_atomic
 
 FORMAT = "vlm-steer-activations/1"
 MANIFEST = "manifest.json"
@@ -111,19 +112,6 @@ def iter_shards(path: str | os.PathLike, verify: bool = True) -> Iterator[dict[s
     manifest = read_manifest(path)
     for entry in manifest.shards:
         yield load_shard(path, entry, verify)
-
-
-def _write_atomic(file: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _same_job(old: ShardManifest, new: ShardManifest) -> list[str]:
@@ -218,7 +206,7 @@ class ShardWriter:
         self._buffered -= n
         name = f"shard-{len(self.manifest.shards):05d}.safetensors"
         data = save_safetensors(shard, metadata={"format": FORMAT})
-        _write_atomic(self.out_dir / name, data)
+        write_atomic(self.out_dir / name, data)
         self.manifest.shards.append(ShardEntry(file=name, count=n, sha256=hashlib.sha256(data).hexdigest()))
         self.manifest.count += n
         self._track(shard["image_index"])
@@ -234,4 +222,4 @@ class ShardWriter:
 
     def _write_manifest(self) -> None:
         data = json.dumps(self.manifest.model_dump(mode="json"), indent=1).encode()
-        _write_atomic(_manifest_path(self.out_dir), data)
+        write_atomic(_manifest_path(self.out_dir), data)

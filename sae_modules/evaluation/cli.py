@@ -21,8 +21,8 @@ from torch import Tensor
 from sae_modules.activations.errors import ExtractError
 from sae_modules.activations.images import FolderImages
 from sae_modules.activations.shards import ShardError
-from sae_modules.activations.shards import _write_atomic as write_atomic
 from sae_modules.activations.towers import load_tower, resolve_device
+from sae_modules.atomic_file import write_atomic
 from sae_modules.evaluation.embedders import load_embedder
 from sae_modules.evaluation.encode import POOLINGS, EncodedDir, encode_images
 from sae_modules.evaluation.errors import EvaluationError

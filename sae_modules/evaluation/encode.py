@@ -23,8 +23,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae_modules.activations.images import ImageSource
-from sae_modules.activations.shards import _write_atomic as write_atomic
 from sae_modules.activations.towers import Tower
+from sae_modules.atomic_file import write_atomic
 from sae_modules.evaluation.embedders import ImageEmbedder
 from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.sources import ACTIVATIONS_KEY, EMBEDDINGS_KEY, SafetensorsBatches

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from sae_modules.activations.images import FolderImages
-from sae_modules.activations.shards import _write_atomic as write_atomic
+from sae_modules.atomic_file import write_atomic
 from sae_modules.evaluation.browser.site import LatentCard, write_site
 from sae_modules.evaluation.encode import EncodedDir
 from sae_modules.evaluation.errors import EvaluationError

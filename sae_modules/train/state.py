@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae_modules.activations.shards import _write_atomic
+from sae_modules.atomic_file import write_atomic
 from sae_modules.formats import CheckpointError
 from sae_modules.formats.atomic import write_checkpoint_dir
 from sae_modules.saes.base import SAEConfig
@@ -136,7 +136,7 @@ def save_checkpoint(
 
     shutil.rmtree(root / name, ignore_errors=True)  # a newer-than-latest leftover of a killed run
     write_checkpoint_dir(root / name, fill)
-    _write_atomic(root / LATEST, name.encode())
+    write_atomic(root / LATEST, name.encode())
     _prune(root, keep=config.keep_checkpoints, newest=state.step)
     return root / name
 
