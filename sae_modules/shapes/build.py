@@ -1,12 +1,14 @@
 """The whole demo rebuild: CLIP tower -> projector alignment -> instruction tuning -> SAE -> manifest.
 
 Deterministic for a given recipe on a given CPU type (fixed threads, deterministic kernels,
-seeded streams); the result lands in `out/model`, `out/sae` and `out/MANIFEST.json`, each swapped
-in only when complete.
+seeded streams); the result lands in `out/clip`, `out/model`, `out/sae` and `out/MANIFEST.json`,
+each swapped in only when complete. `rebuild_clip` reruns stage 1 alone, which is how assets built
+before the CLIP was shipped gain it without retraining the rest.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -21,15 +23,16 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from sae_modules.shapes.builder import build_llava, build_processor, build_tokenizer
 from sae_modules.shapes.evaluate import HELD_OUT_SEED, answer_accuracy
-from sae_modules.shapes.manifest import write_manifest
+from sae_modules.shapes.manifest import ManifestError, verify_manifest, write_manifest
 from sae_modules.shapes.prompts import vocabulary
 from sae_modules.shapes.recipe import Recipe, make_deterministic
 from sae_modules.shapes.stage_align import align_projector
-from sae_modules.shapes.stage_clip import train_clip
+from sae_modules.shapes.stage_clip import save_clip, train_clip, vision_tower
 from sae_modules.shapes.stage_instruct import instruct
 from sae_modules.shapes.stage_sae import SAE_LAYER, train_demo_sae
 
 REBUILD_COMMAND = "make demo-model"
+CLIP_COMMAND = "python -m sae_modules.shapes.cli --clip-only"
 
 
 def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = True) -> dict:
@@ -45,9 +48,10 @@ def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = 
     try:
         processor = build_processor(build_tokenizer(vocabulary()), recipe.image_size, recipe.patch_size)
         tick = time.perf_counter()
-        tower, stats = train_clip(recipe, processor, progress)
+        clip, stats = train_clip(recipe, processor, progress)
         figures |= stats
         timings["clip"] = time.perf_counter() - tick
+        replace_dir(out / "clip", lambda staging: save_clip(clip, processor, staging))
 
         model = build_llava(
             processor,
@@ -56,7 +60,7 @@ def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = 
             vision_feature_layer=SAE_LAYER,
             seed=recipe.seed,
         )
-        model.model.vision_tower.load_state_dict(tower.state_dict())
+        model.model.vision_tower.load_state_dict(vision_tower(clip).state_dict())
         tick = time.perf_counter()
         figures |= align_projector(model, processor, recipe, progress)
         timings["align"] = time.perf_counter() - tick
@@ -102,6 +106,41 @@ def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = 
             "platform": platform.platform(),
             "torch": torch.__version__,
         },
+    }
+    write_manifest(out, record)
+    return record
+
+
+def rebuild_clip(out: Path, recipe: Recipe, progress: bool = True) -> dict:
+    """Rerun stage 1 alone into `out/clip` and add its files to the manifest; returns the manifest record.
+
+    Refuses a recipe other than the manifest's, and refuses to ship a CLIP whose final loss and
+    accuracy differ from the recorded stage 1: only then is it the CLIP the shipped model started from.
+    """
+    out = Path(out)
+    record = verify_manifest(out)
+    if record["recipe"] != json.loads(json.dumps(recipe.to_dict())):
+        raise ManifestError(f"recipe: differs from the one recorded in {out / 'MANIFEST.json'}")
+    previous_threads = torch.get_num_threads()
+    make_deterministic(recipe)
+    started = time.perf_counter()
+    try:
+        processor = build_processor(build_tokenizer(vocabulary()), recipe.image_size, recipe.patch_size)
+        clip, stats = train_clip(recipe, processor, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    recorded = {name: record["training"].get(name) for name in stats}
+    if stats != recorded:
+        raise ManifestError(
+            f"clip: stage 1 gave {stats}, the shipped build recorded {recorded}; "
+            f"run `{REBUILD_COMMAND}` on this machine instead"
+        )
+    replace_dir(out / "clip", lambda staging: save_clip(clip, processor, staging))
+    record = {key: value for key, value in record.items() if key not in ("files", "total_bytes")}
+    record["clip_rebuild"] = {
+        "command": CLIP_COMMAND,
+        "seconds": round(time.perf_counter() - started, 1),
+        "load_average_end": round(os.getloadavg()[0], 2),
     }
     write_manifest(out, record)
     return record

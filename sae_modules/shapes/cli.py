@@ -1,4 +1,4 @@
-"""`python -m sae_modules.shapes.cli`: rebuild the demo LLaVA, its SAE and the example images (`make demo-model`)."""
+"""`python -m sae_modules.shapes.cli`: rebuild the demo CLIP, LLaVA, SAE and example images (`make demo-model`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from sae_modules.shapes import ASSETS_DIR
-from sae_modules.shapes.build import rebuild
+from sae_modules.shapes.build import rebuild, rebuild_clip
+from sae_modules.shapes.manifest import ManifestError
 from sae_modules.shapes.recipe import Recipe
 from sae_modules.shapes.world import write_examples
 
@@ -18,7 +19,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def main(
-    out: Annotated[Path, typer.Option(help="Folder for model/, sae/ and MANIFEST.json.")] = ASSETS_DIR,
+    out: Annotated[Path, typer.Option(help="Folder for clip/, model/, sae/ and MANIFEST.json.")] = ASSETS_DIR,
     seed: Annotated[int, typer.Option(help="Seed of every stage.")] = 0,
     tiny: Annotated[
         bool, typer.Option(help="Toy sizes: proves the pipeline runs, not that it learns.")
@@ -28,9 +29,21 @@ def main(
         Path | None, typer.Option(help="Also write the example images into this folder.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    clip_only: Annotated[
+        bool,
+        typer.Option(help="Rerun stage 1 only: add clip/ to existing assets built with the same recipe."),
+    ] = False,
 ) -> None:
-    """Train the demo model and SAE deterministically and write their manifest."""
+    """Train the demo CLIP, model and SAE deterministically and write their manifest."""
     recipe = Recipe.tiny(seed) if tiny else Recipe(seed=seed)
+    if clip_only:
+        try:
+            record = rebuild_clip(out, recipe, progress=progress)
+        except ManifestError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(json.dumps({"clip_rebuild": record["clip_rebuild"]}, indent=2))
+        return
     record = rebuild(out, recipe, eval_images=eval_images, progress=progress)
     if examples is not None:
         write_examples(examples)

@@ -1,11 +1,18 @@
 """Stage 1: train the vision tower as a small CLIP, contrastively against captions, like CLIP itself.
 
-A tiny CLIP text tower learns beside it and is thrown away afterwards; only the vision tower goes
-into the LLaVA. Several images in a batch share a caption (the world has few classes), so the loss
-treats every matching caption as a positive instead of pretending duplicates are negatives.
+A tiny CLIP text tower learns beside it. The vision tower goes into the LLaVA; the whole CLIP
+(both towers, projections, tokenizer, image processor) is also shipped as `assets/clip/`, the
+judge of the steering score. It is the tower as it left this stage: instruction tuning (stage 3)
+trains the LLaVA's copy further, so the judge shares the LLaVA's starting point but not its final
+weights, an independent reader of images and words rather than the model being scored.
+
+Several images in a batch share a caption (the world has few classes), so the loss treats every
+matching caption as a positive instead of pretending duplicates are negatives.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +36,8 @@ def multi_positive_clip_loss(
     return (image_loss + text_loss) / 2
 
 
-def train_clip(
-    recipe: Recipe, processor: LlavaProcessor, progress: bool = True
-) -> tuple[CLIPVisionModel, dict]:
-    """The trained vision tower and the stage's figures (final loss, in-batch caption accuracy)."""
+def train_clip(recipe: Recipe, processor: LlavaProcessor, progress: bool = True) -> tuple[CLIPModel, dict]:
+    """The trained CLIP and the stage's figures (final loss, in-batch caption accuracy)."""
     tokenizer = processor.tokenizer
     vision = {"image_size": recipe.image_size, "patch_size": recipe.patch_size, **recipe.vision}
     text = {
@@ -73,9 +78,21 @@ def train_clip(
                 accuracy = same[torch.arange(len(labels)), out.logits_per_image.argmax(dim=1)].float().mean()
     finally:
         tokenizer.padding_side = tokenizer_side
-    tower = CLIPVisionModel(clip.config.vision_config)
-    tower.load_state_dict(clip.vision_model.state_dict())
-    return tower.eval(), {
+    return clip.eval(), {
         "clip_loss": round(loss.item(), 4),
         "clip_batch_accuracy": round(float(accuracy), 4),
     }
+
+
+def vision_tower(clip: CLIPModel) -> CLIPVisionModel:
+    """The CLIP's vision tower as the standalone model a LLaVA loads."""
+    tower = CLIPVisionModel(clip.config.vision_config)
+    tower.load_state_dict(clip.vision_model.state_dict())
+    return tower.eval()
+
+
+def save_clip(clip: CLIPModel, processor: LlavaProcessor, folder: Path) -> None:
+    """Write what `clip:PATH` loads: the CLIPModel, its image processor and its tokenizer."""
+    clip.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
