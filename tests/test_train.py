@@ -250,3 +250,16 @@ def test_existing_run_needs_resume_and_matching_settings(shards, tmp_path, unint
     write_shards(tmp_path / "other", sparse_activations(6 * 256, seed=1), shard_size=256)
     result = _cli(["--config", str(tmp_path / "same.yaml"), "--resume", "--shards", str(tmp_path / "other")])
     assert result.exit_code == 2 and "different settings (the activations in shards)" in result.output
+
+
+def test_dry_run_checks_settings_and_shards_without_training(shards, tmp_path):
+    base = ["--shards", str(shards), "--out", str(tmp_path / "run"), "--n-latents", "32", "--k", "2"]
+    result = _cli([*base, "--steps", "7", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("ok: batchtopk d_in=16 n_latents=32, 7 steps of 4096 on 1280 vectors")
+    assert not (tmp_path / "run").exists()
+    bad = _cli([*base, "--d-in", "17", "--dry-run"])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+    assert "d_in: the config says 17, the shards" in bad.output
+    missing = _cli(["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert missing.exit_code == 2 and "shards:" in missing.output and "Traceback" not in missing.output

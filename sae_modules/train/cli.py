@@ -79,14 +79,22 @@ def train(
     progress: Annotated[
         bool | None, typer.Option("--progress/--no-progress", help="Show a progress bar.")
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Check the settings and the shards (manifest, d_in), then exit without training."),
+    ] = False,
 ) -> None:
     """Train an SAE on activation shards; writes OUT/sae (cfg.json + sae.safetensors) and OUT/train_log.jsonl."""
-    overrides = {k: v for k, v in locals().items() if k != "config"}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "dry_run")}
     from sae_modules.train.api import train_sae
+    from sae_modules.train.trainer import plan_run
 
     try:
         overrides["group_fractions"] = _fractions(group_fractions)
         settings = load_train_config(config, **overrides)
+        if dry_run:
+            typer.echo(plan_run(settings).summary())
+            return
         final = train_sae(settings)
     except _USER_ERRORS as err:
         typer.echo(f"error: {err}", err=True)

@@ -75,6 +75,17 @@ class Plan:
     total_steps: int
     checkpoint: Checkpoint | None
 
+    def summary(self) -> str:
+        """One line saying what the run would do (what `vlm-steer train --dry-run` prints)."""
+        start = f"resume at step {self.checkpoint.state.step}" if self.checkpoint else "start fresh"
+        n_train = sum(p.count for p in self.train_pieces)
+        n_held = sum(p.count for p in self.holdout_pieces)
+        return (
+            f"ok: {self.sae_cfg.architecture} d_in={self.sae_cfg.d_in} n_latents={self.sae_cfg.n_latents}, "
+            f"{self.total_steps} steps of {self.config.batch_size} on {n_train} vectors "
+            f"({n_held} held out) from {self.config.shards}; {start}"
+        )
+
 
 def _sae_config(config: TrainConfig, manifest: ShardManifest) -> SAEConfig:
     """The SAE's config: architecture settings from the run, width and provenance from the shards."""
