@@ -43,6 +43,8 @@ def test_examples_are_listed_and_served_and_nothing_else(examples: Path) -> None
     assert served.status_code == 200 and served.content == (examples / "b_red.png").read_bytes()
     assert client.get("/ui/examples/..%2f..%2fetc%2fpasswd").status_code == 404
     assert client.get("/ui/examples/missing.png").status_code == 404
+    assert client.get("/ui/examples/notes.txt").status_code == 404
+    assert client.get("/ui/examples/sub.png").status_code == 404
     (examples / "c_new.png").write_bytes((examples / "b_red.png").read_bytes())
     assert [e["name"] for e in client.get("/ui/examples.json").json()] == ["a_blue", "b_red", "c_new"]
 

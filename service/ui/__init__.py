@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import RedirectResponse
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.config import ConfigError
@@ -51,18 +51,23 @@ def mount_ui(app: FastAPI, examples_dir: Path | None, report_dir: Path | None) -
         query = request.url.query
         return RedirectResponse("ui/" + (f"?{query}" if query else ""))
 
-    @app.get("/ui/examples.json", include_in_schema=False)
-    def ui_examples() -> list[dict[str, str]]:
-        """The example images, listed on each call so files added while serving appear."""
+    def example_names() -> list[str]:
+        """The example images, read on each call so files added while serving appear."""
         if examples is None:
             return []
-        names = sorted(
-            p.name for p in examples.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        return [{"name": Path(name).stem, "url": f"examples/{name}"} for name in names]
+        return sorted(p.name for p in examples.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
-    if examples is not None:
-        app.mount("/ui/examples", StaticFiles(directory=examples), name="ui-examples")
+    @app.get("/ui/examples.json", include_in_schema=False)
+    def ui_examples() -> list[dict[str, str]]:
+        return [{"name": Path(name).stem, "url": f"examples/{name}"} for name in example_names()]
+
+    @app.get("/ui/examples/{name}", include_in_schema=False)
+    def ui_example(name: str) -> FileResponse:
+        """Only the listed images: other files in the folder (notes, subfolders) are not served."""
+        if name not in example_names():
+            raise HTTPException(404, "no such example image")
+        return FileResponse(examples / name)
+
     if report is not None:
         app.mount("/ui/report", StaticFiles(directory=browser_dir(report)), name="ui-report")
     app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
