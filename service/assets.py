@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sae_modules.atomic_file import staged_folder
 from service.config import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -57,24 +56,17 @@ def build_random_demo(target: Path) -> tuple[Path, Path]:
     model_dir, sae_dir = target / "model", target / "sae"
     if (model_dir / "config.json").is_file() and (sae_dir / "cfg.json").is_file():
         return model_dir, sae_dir
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    processor = build_processor(build_tokenizer(RANDOM_DEMO_WORDS), image_size=16, patch_size=8)
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
-    text = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "num_key_value_heads": 2}
-    model = build_llava(processor, vision=vision, text=text, seed=0)
-    model.save_pretrained(staging / "model")
-    processor.save_pretrained(staging / "model")
-    sae = build_sae(SAEConfig(architecture="batchtopk", d_in=32, n_latents=128, k=4, threshold=0.1,
-                              source=SourceInfo(layer=-2, tokens="all")))
-    save_sae(sae, staging / "sae")
-    try:
-        os.rename(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (model_dir / "config.json").is_file():
-            raise
+    with staged_folder(target, replace=False) as staging:  # another process may build it too: first one wins
+        processor = build_processor(build_tokenizer(RANDOM_DEMO_WORDS), image_size=16, patch_size=8)
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
+        text = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 2}
+        model = build_llava(processor, vision=vision, text=text, seed=0)
+        model.save_pretrained(staging / "model")
+        processor.save_pretrained(staging / "model")
+        sae = build_sae(SAEConfig(architecture="batchtopk", d_in=32, n_latents=128, k=4, threshold=0.1,
+                                  source=SourceInfo(layer=-2, tokens="all")))
+        save_sae(sae, staging / "sae")
     return model_dir, sae_dir
 
 

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_modules import CheckpointError, SAEConfig, load_sae, save_sae
-from sae_modules.formats import atomic, native
-from sae_modules.formats.atomic import sha256_file
+from sae_modules.atomic_file import sha256_file
+from sae_modules.formats import native
+from sae_modules.formats.writing import write_checkpoint_dir
 from sae_modules.saes import build_sae
 
 D_IN, N = 8, 24
@@ -234,20 +235,17 @@ def test_config_the_module_rejects_is_a_checkpoint_error(ckpt: Path) -> None:
         load_sae(ckpt)
 
 
-def test_failed_swap_puts_the_old_checkpoint_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the new directory cannot be moved in after the old one was moved aside, the old one returns."""
+def test_failed_write_keeps_the_old_checkpoint(tmp_path: Path) -> None:
+    """A write that fails part-way (here: the disk refuses a file, as a full disk would) leaves the old
+    checkpoint readable and no staging folder behind."""
     old = random_sae("relu", seed=1)
     save_sae(old, tmp_path / "ckpt")
-    real_rename = atomic.os.rename
 
-    def rename(src, dst):
-        if ".tmp-" in str(src):
-            raise OSError("simulated crash while swapping")
-        real_rename(src, dst)
+    def fill(staging: Path) -> None:
+        save_file({"W_enc": torch.zeros(2)}, staging / "sae.safetensors")
+        (staging / "missing-folder" / "cfg.json").write_text("{}")
 
-    monkeypatch.setattr(atomic.os, "rename", rename)
-    with pytest.raises(OSError, match="simulated crash"):
-        save_sae(random_sae("topk", seed=2), tmp_path / "ckpt")
-    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError):
+        write_checkpoint_dir(tmp_path / "ckpt", fill)
     assert load_sae(tmp_path / "ckpt").cfg == old.cfg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

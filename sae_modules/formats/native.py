@@ -2,7 +2,7 @@
 
 cfg.json holds the format version, the sha256 of the weights file and the full SAEConfig (under
 "config"), so a checkpoint is self-describing and a damaged or swapped weights file is caught
-before any tensor is used. Writes are atomic (see `atomic.py`).
+before any tensor is used. Writes are atomic (see `writing.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from sae_modules.formats.atomic import sha256_file, write_checkpoint_dir
+from sae_modules.atomic_file import sha256_file
+from sae_modules.formats.writing import write_checkpoint_dir
 from sae_modules.formats.errors import CheckpointError
 from sae_modules.formats.reading import build_and_load, parse_config, read_json, read_safetensors
 from sae_modules.saes.base import SAE

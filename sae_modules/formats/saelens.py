@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sae_modules.formats.atomic import write_checkpoint_dir
+from sae_modules.formats.writing import write_checkpoint_dir
 from sae_modules.formats.errors import CheckpointError
 from sae_modules.formats.reading import (
     build_and_load,
