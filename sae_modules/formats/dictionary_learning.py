@@ -1,6 +1,9 @@
-"""dictionary_learning checkpoints (`ae.pt` state dict + `config.json`), the layout of the paper's
-released SAEs: BatchTopK and Matryoshka BatchTopK, including the paper repository's vendored copy
-that spells the class "Matroyshka".
+"""dictionary_learning checkpoints, the layout of the paper's released SAEs: BatchTopK and Matryoshka
+BatchTopK, including the paper repository's vendored copy that spells the class "Matroyshka".
+
+`trainSAE(save_dir=...)` writes `trainer_<i>/config.json` (`{"trainer": ..., "buffer": ...}`),
+the final state dict as `trainer_<i>/ae.pt` and, at `save_steps`, `trainer_<i>/checkpoints/ae_<step>.pt`.
+Any `ae*.pt` file loads; its config.json is read beside it or one level up (for `checkpoints/`).
 
 Both keep k and the learned threshold θ as buffers in the state dict and rescale their biases and θ
 at save time, so a checkpoint takes raw activations, as ours do. Their inference encode is
@@ -10,6 +13,7 @@ and decoder are transposed relative to the Matryoshka class, which stores W_enc 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +31,46 @@ from sae_modules.saes.base import SAE
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+_STEP_FILE = re.compile(r"^ae_(\d+)\.pt$")
 BATCHTOPK_CLASSES = ("BatchTopKSAE",)
 MATRYOSHKA_CLASSES = ("MatryoshkaBatchTopKSAE", "MatroyshkaBatchTopKSAE")
 
 
-def _trainer_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_FILE
-    if not path.exists():
-        return {}
-    trainer = read_json(path).get("trainer", {})
-    if not isinstance(trainer, dict):
-        raise CheckpointError(f"{path}: 'trainer' must be an object")
-    return trainer
+def weights_files(directory: Path) -> list[Path]:
+    """The `ae*.pt` state dicts in `directory`, best first: the final `ae.pt`, then the latest step."""
+    files = [p for p in directory.glob("ae*.pt") if p.is_file()]
+
+    def rank(path: Path) -> tuple[int, int, str]:
+        step = _STEP_FILE.match(path.name)
+        return (path.name != WEIGHTS_FILE, -int(step.group(1)) if step else 0, path.name)
+
+    return sorted(files, key=rank)
+
+
+def find_weights(directory: Path) -> Path | None:
+    """The state dict a trainer folder or its `checkpoints/` folder stands for, if it holds one."""
+    for folder in (directory, directory / CHECKPOINTS_DIR):
+        if folder.is_dir() and (files := weights_files(folder)):
+            return files[0]
+    return None
+
+
+def _trainer_config(weights: Path) -> dict[str, Any]:
+    """The `trainer` object of config.json beside the weights, or one level up (`checkpoints/ae_N.pt`)."""
+    for path in (weights.parent / CONFIG_FILE, weights.parent.parent / CONFIG_FILE):
+        if not path.is_file():
+            continue
+        config = read_json(path)
+        if "trainer" not in config:
+            if path.parent == weights.parent:
+                raise CheckpointError(f"{path} has no 'trainer' object: it is not a dictionary_learning config")
+            continue
+        trainer = config["trainer"]
+        if not isinstance(trainer, dict):
+            raise CheckpointError(f"{path}: 'trainer' must be an object")
+        return trainer
+    return {}
 
 
 def _dict_class(trainer: dict[str, Any], state: dict[str, Tensor], where: str) -> str:
@@ -78,11 +110,11 @@ def _layer(value: Any) -> int | None:
     return None
 
 
-def load_dictionary_learning(directory: Path) -> SAE:
-    weights_path = directory / WEIGHTS_FILE
+def load_dictionary_learning(weights_path: Path) -> SAE:
+    """Read one `ae*.pt` state dict (never unpickling code) with the trainer config that goes with it."""
     where = str(weights_path)
     state = read_torch_state_dict(weights_path)
-    trainer = _trainer_config(directory)
+    trainer = _trainer_config(weights_path)
     dict_class = _dict_class(trainer, state, where)
     matryoshka = dict_class in MATRYOSHKA_CLASSES
     if matryoshka:

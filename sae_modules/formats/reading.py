@@ -61,6 +61,11 @@ def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on damage
         raise CheckpointError(f"{path} could not be loaded as a plain tensor state dict: {exc}") from exc
+    if isinstance(state, Mapping) and {"step", "ae", "optimizer"} <= set(state):
+        raise CheckpointError(
+            f"{path} is dictionary_learning's training backup (step {state['step']}), whose weights are in "
+            "training units; load the final ae.pt or a checkpoints/ae_<step>.pt instead"
+        )
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return dict(state)
