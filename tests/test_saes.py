@@ -19,6 +19,7 @@ from sae_modules.saes import (
     fire_counts,
     group_sizes_from_fractions,
 )
+from sae_modules.saes import sparse_ops
 from sae_modules.saes.sparse_ops import batch_topk_selection
 
 D_IN, N_TRUE, N_LATENTS, K_TRUE = 32, 48, 96, 3
@@ -160,16 +161,51 @@ def test_sparse_path_matches_dense_autograd(arch: str, dead_fraction: float) -> 
         assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_batch_topk_selection_is_exact_when_one_row_dominates() -> None:
-    torch.manual_seed(0)
-    pre = torch.randn(16, 200)
-    pre[3] += 10  # row 3 owns far more than 2k of the batch's top k*B: forces the retry
-    sel = batch_topk_selection(pre, k=5)
-    expected = torch.zeros(16 * 200, dtype=torch.bool)
-    expected[pre.flatten().topk(5 * 16).indices] = True
-    got = torch.zeros(16, 200, dtype=torch.bool)
+def _skewed_rows(g: torch.Generator) -> torch.Tensor:
+    pre = torch.randn(64, 3000, generator=g)
+    pre[3] += 10  # one row owns most of the batch's top k * B
+    return pre
+
+
+def _large_only_where_sampled(g: torch.Generator) -> torch.Tensor:
+    """The strided sample (every 5th entry at this size) sees only large values: its threshold
+    estimate is far too high, so the selection must notice and retry."""
+    pre = torch.randn(256, 2048, generator=g)
+    assert sparse_ops._coprime_stride(pre.numel(), 2048) == 5
+    pre.view(-1)[::5] += 10
+    return pre
+
+
+BATCH_TOPK_INPUTS = {
+    "sample misled (retry)": _large_only_where_sampled,
+    "gaussian": lambda g: torch.randn(64, 3000, generator=g),
+    "one row dominates": _skewed_rows,
+    "row norms vary 1000x": lambda g: torch.randn(64, 3000, generator=g) * torch.logspace(0, 3, 64)[:, None],
+    "heavy tails": lambda g: torch.distributions.StudentT(1.2).sample((64, 3000)),
+    "many ties": lambda g: torch.randint(0, 4, (64, 3000), generator=g).float(),
+    "all equal": lambda g: torch.zeros(64, 3000),
+    "mature theta (mostly negative)": lambda g: torch.randn(64, 3000, generator=g) - 4,
+    "tiny batch (sample is everything)": lambda g: torch.randn(3, 7, generator=g),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_TOPK_INPUTS))
+def test_batch_topk_selection_equals_flatten_and_topk(name: str) -> None:
+    pre = BATCH_TOPK_INPUTS[name](torch.Generator().manual_seed(0))
+    k = 5
+    total = k * pre.shape[0]
+    sel = batch_topk_selection(pre, k)
+    got = torch.zeros_like(pre, dtype=torch.bool)
     got[sel.rows, sel.cols] = True
-    assert torch.equal(got.flatten(), expected)
+    assert sel.nnz == int(got.sum()) == total  # no duplicates, exactly k * B entries
+    kth = pre.flatten().topk(total).values[-1]
+    assert bool((pre[got] >= kth).all()) and bool((pre[~got] <= kth).all())  # a top set, ties aside
+    if int((pre.flatten() == kth).sum()) == 1:  # no tie at the boundary: the very same set
+        expected = torch.zeros(pre.numel(), dtype=torch.bool)
+        expected[pre.flatten().topk(total).indices] = True
+        assert torch.equal(got.flatten(), expected)
+    flat_index = sel.rows * pre.shape[1] + sel.cols
+    assert bool((flat_index[1:] > flat_index[:-1]).all())  # row-major, columns sorted in each row
     assert torch.equal(sel.crow[1:] - sel.crow[:-1], got.sum(1))
 
 

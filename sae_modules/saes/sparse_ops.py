@@ -9,9 +9,11 @@ whose backward is one sparse-times-dense product, and the decode is an `embeddin
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,44 +45,76 @@ def crow_from_rows(rows: Tensor, n_rows: int) -> Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def _from_row_slots(slot_cols: Tensor, chosen: Tensor | None, n_latents: int) -> Selection:
-    """A selection from per-row candidate latents [B, c] and a mask of the chosen slots (None: all)."""
-    n_rows, c = slot_cols.shape
-    slot_cols, order = slot_cols.sort(dim=1)
-    if chosen is None:
-        rows = torch.arange(n_rows, device=slot_cols.device).repeat_interleave(c)
-        crow = torch.arange(0, n_rows * c + 1, c, device=slot_cols.device)
-        return Selection(rows, slot_cols.flatten(), crow, (n_rows, n_latents))
-    chosen = chosen.gather(1, order)
-    flat = chosen.flatten().nonzero().squeeze(1)
-    rows = flat // c
-    return Selection(rows, slot_cols.flatten()[flat], crow_from_rows(rows, n_rows), (n_rows, n_latents))
-
-
 def topk_selection(pre: Tensor, k: int) -> Selection:
     """The k largest pre-activations of every row."""
-    return _from_row_slots(pre.topk(k, dim=1, sorted=False).indices, None, pre.shape[1])
+    n_rows, n = pre.shape
+    cols = pre.topk(k, dim=1, sorted=False).indices.sort(dim=1).values.flatten()
+    rows = torch.arange(n_rows, device=pre.device).repeat_interleave(k)
+    crow = torch.arange(0, n_rows * k + 1, k, device=pre.device)
+    return Selection(rows, cols, crow, (n_rows, n))
 
 
-def batch_topk_selection(pre: Tensor, k: int) -> Selection:
-    """The k * B largest pre-activations of the whole [B, n] batch, without a topk over B * n values.
+#: Entries sampled to estimate the batch top-k threshold: enough that the sample holds ~100+ entries
+#: above it at k / n_latents = 1/1000, small enough to cost nothing next to one pass over the batch.
+THRESHOLD_SAMPLE = 1 << 17
 
-    Take each row's top c (c = 2k at first) as candidates and the k * B largest of those. That is the
-    exact batch top set unless some row had all c of its candidates chosen (it might have more); then
-    retry with c four times larger, up to c = n, where it is exact by construction.
+
+def _coprime_stride(size: int, n: int) -> int:
+    """A sampling stride about size / THRESHOLD_SAMPLE that is coprime with the row length, so the
+    strided sample visits every column (and every row) evenly whatever the data's layout."""
+    stride = max(1, size // THRESHOLD_SAMPLE)
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
+
+
+def _indices_at_least(flat: Tensor, threshold: float, mask: Tensor) -> Tensor:
+    """Positions of the entries >= threshold, ascending. On CPU through NumPy, whose flatnonzero
+    is several times faster than torch's `nonzero` there (single-threaded, no count pass)."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.float16):
+        marks = np.greater_equal(flat.detach().numpy(), threshold, out=mask.numpy())
+        return torch.from_numpy(np.flatnonzero(marks))
+    return torch.ge(flat, threshold, out=mask).nonzero().squeeze(1)
+
+
+def batch_topk_selection(pre: Tensor, k: int, mask_out: Tensor | None = None) -> Selection:
+    """The k * B largest pre-activations of the whole [B, n] batch (ties broken arbitrarily).
+
+    Cost independent of how the values are spread over rows: a threshold t is read off an evenly
+    strided sample so that about 1.25 k B entries (plus a few standard deviations) should reach it;
+    one pass lists the entries >= t. If they are at least k B, the batch's
+    top k B is among them (exact), and a top-k over those few candidates picks it; otherwise the
+    sample rank doubles and the pass repeats (at worst t = -inf: the whole batch). `mask_out`, a
+    bool buffer of B * n entries, saves a fresh allocation (page faults) per call.
     """
     n_rows, n = pre.shape
-    total = min(k * n_rows, n_rows * n)
-    c = min(n, 2 * k)
+    flat = pre.reshape(-1)
+    total = min(k * n_rows, flat.numel())
+    sample = flat[:: _coprime_stride(flat.numel(), n)]
+    expected = sample.numel() * total / flat.numel()
+    rank = int(1.25 * expected + 4 * math.sqrt(expected) + 8)
+    mask = mask_out if mask_out is not None else torch.empty_like(flat, dtype=torch.bool)
     while True:
-        values, slots = pre.topk(c, dim=1, sorted=False)
-        picked = values.flatten().topk(total, sorted=False).indices
-        chosen = torch.zeros(n_rows * c, dtype=torch.bool, device=pre.device)
-        chosen[picked] = True
-        chosen = chosen.view(n_rows, c)
-        if c == n or not bool(chosen.all(dim=1).any()):
-            return _from_row_slots(slots, chosen, n)
-        c = min(n, 4 * c)
+        if rank < sample.numel():
+            threshold = float(sample.topk(rank, sorted=False).values.min())
+            candidates = _indices_at_least(flat, threshold, mask)
+        else:
+            threshold = -math.inf
+            candidates = torch.arange(flat.numel(), device=pre.device)
+        if candidates.numel() >= total:
+            break
+        rank *= 2
+    if candidates.numel() > total:
+        values = flat[candidates]
+        above = values > threshold
+        n_above = int(above.sum())
+        if n_above <= total:  # t is the k B-th value itself: take everything above it, then ties
+            ties = (~above).cumsum(0) <= total - n_above
+            candidates = candidates[above | (ties & ~above)]
+        else:
+            candidates = candidates[values.topk(total, sorted=False).indices].sort().values
+    rows = candidates // n
+    return Selection(rows, candidates - rows * n, crow_from_rows(rows, n_rows), (n_rows, n))
 
 
 def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:
