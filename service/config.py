@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -76,7 +77,17 @@ class Limits(BaseModel):
     retry_after_s: PositiveInt = 1
     rate_limit_per_minute: PositiveInt | None = Field(None, description="Per API key (or client address); None: off.")
     allow_remote_images: bool = Field(False, description="Let chat image_url parts fetch http(s) URLs.")
-    remote_image_timeout_s: PositiveFloat = 10.0
+    remote_image_timeout_s: PositiveFloat = Field(
+        10.0, description="One deadline for the whole fetch: DNS, every redirect, the body."
+    )
+    remote_image_hosts: list[str] = Field(
+        default_factory=list, description="Hosts images may come from (`*.example.com`: subdomains); []: any."
+    )
+    remote_image_max_redirects: NonNegativeInt = 3
+    remote_image_allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="UNSAFE: non-public networks images may come from anyway (tests, a trusted intranet).",
+    )
 
 
 class BatchSettings(BaseModel):

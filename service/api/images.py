@@ -1,9 +1,12 @@
-"""Turn a request's image reference into an RGB PIL image, refusing anything too big before it is decoded.
+"""Turn a request's image reference into an RGB PIL image no larger than the model needs.
 
-Order matters for safety: the encoded size is checked before base64 decoding, the pixel count
-from the header (`Image.open(...).size`, no pixel data read) before `load()`, and Pillow's own
-decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`, set to the same limit by the app; it raises
-past twice that) stays on underneath. Remote URLs are refused unless the config allows them.
+Order matters for safety: the encoded size is checked before base64 decoding; only the allowed
+formats' parsers ever see the bytes (`Image.open(..., formats=SUPPORTED_FORMATS)`); the pixel
+count is read from the header and checked against this request's `Limits` before any pixel data
+is decoded (no process-wide `Image.MAX_IMAGE_PIXELS` needed; Pillow's own bomb guard stays on
+underneath as a second line). With `target_short_side` set the image is shrunk at the ingress
+(JPEGs already while decoding, through libjpeg's DCT scaling), so a small file that decodes to
+4096² pixels is never shipped to a model replica at full size.
 """
 
 from __future__ import annotations
@@ -12,16 +15,25 @@ import base64
 import binascii
 import io
 import re
-import warnings
+import struct
 
-import httpx
 from PIL import Image, UnidentifiedImageError
 
 from service.api.errors import APIError
+from service.api.remote_images import fetch_image
 from service.config import Limits
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+RESAMPLE = Image.Resampling.BICUBIC
+"""CLIP's image processor resamples bicubically; shrinking the same way makes its own resize an identity."""
+
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+(=[\w.+-]+)?)*),", re.ASCII)
+_OTHER_FORMATS = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"),
+                  (b"%PDF", "PDF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"),
+                  (b"qoif", "QOI"), (b"DDS ", "DDS"))
+"""Signatures of formats we refuse, only to name them in the 415 message (their parsers never run)."""
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError)
+"""What Pillow's parsers and decoders raise on malformed or truncated data (see tests/test_fuzz_images.py)."""
 
 
 def _b64_bytes(payload: str, limits: Limits, param: str) -> bytes:
@@ -34,30 +46,12 @@ def _b64_bytes(payload: str, limits: Limits, param: str) -> bytes:
         raise APIError(400, f"image is not valid base64: {exc}", param) from exc
 
 
-def _fetch(url: str, limits: Limits, param: str) -> bytes:
-    if not limits.allow_remote_images:
-        raise APIError(400, "remote image URLs are disabled on this server; send a data URL or base64", param)
-    try:
-        with httpx.stream("GET", url, timeout=limits.remote_image_timeout_s, follow_redirects=False) as response:
-            if response.status_code != 200:
-                raise APIError(400, f"fetching the image returned HTTP {response.status_code}", param)
-            chunks, total = [], 0
-            for chunk in response.iter_bytes():
-                total += len(chunk)
-                if total > limits.max_image_bytes:
-                    raise APIError(413, f"image exceeds {limits.max_image_bytes} bytes", param)
-                chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise APIError(400, f"cannot fetch the image: {exc}", param) from exc
-    return b"".join(chunks)
-
-
 def image_bytes(ref: str, limits: Limits, param: str = "image") -> bytes:
     """The encoded image bytes behind a data URL, bare base64 or (if allowed) an http(s) URL."""
     if not ref:
         raise APIError(400, "image is empty", param)
     if ref.startswith(("http://", "https://")):
-        return _fetch(ref, limits, param)
+        return fetch_image(ref, limits, param)
     if ref.startswith("data:"):
         match = _DATA_URL.match(ref)
         if match is None:
@@ -71,33 +65,65 @@ def image_bytes(ref: str, limits: Limits, param: str = "image") -> bytes:
     return _b64_bytes(ref, limits, param)
 
 
-def decode_image(data: bytes, limits: Limits, param: str = "image") -> Image.Image:
-    """An RGB image from encoded bytes, or an APIError: 413 too large, 415 unsupported, 400 corrupt."""
+def _unsupported(data: bytes, param: str) -> APIError:
+    named = next((name for signature, name in _OTHER_FORMATS if data.startswith(signature)), None)
+    what = f"unsupported image format {named}" if named else "not a supported image"
+    return APIError(415, f"{what}; use one of {', '.join(SUPPORTED_FORMATS)}", param)
+
+
+def shrunk_size(size: tuple[int, int], target_short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side `target_short_side`, the long side as CLIP's processor computes it.
+
+    CLIPImageProcessor's `shortest_edge` resize truncates the long side (`int(target * long / short)`),
+    so an image already at this size passes through the processor's resize unchanged."""
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    other = int(target_short_side * long / short)
+    return (target_short_side, other) if width <= height else (other, target_short_side)
+
+
+def decode_image(
+    data: bytes, limits: Limits, param: str = "image", target_short_side: int | None = None
+) -> Image.Image:
+    """An RGB image from encoded bytes, or an APIError: 413 too large, 415 unsupported, 400 corrupt.
+
+    `target_short_side`: shrink (never enlarge) so the short side is this many pixels; the model
+    replica's processor resizes to it anyway. None keeps the decoded size."""
     if len(data) > limits.max_image_bytes:
         raise APIError(413, f"image exceeds {limits.max_image_bytes} bytes", param)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=None)
-            if image.format not in SUPPORTED_FORMATS:
-                raise APIError(
-                    415, f"unsupported image format {image.format}; use one of {', '.join(SUPPORTED_FORMATS)}", param
-                )
-            width, height = image.size
-            if width * height > limits.max_image_pixels:
-                raise APIError(413, f"image has {width}x{height} pixels, more than the limit {limits.max_image_pixels}",
-                               param)
-            if width < 1 or height < 1:
-                raise APIError(400, "image has no pixels", param)
-            image.load()
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError as exc:
-        raise APIError(415, f"not a supported image; use one of {', '.join(SUPPORTED_FORMATS)}", param) from exc
+        raise _unsupported(data, param) from exc
     except Image.DecompressionBombError as exc:
         raise APIError(413, f"image is too large to decode safely: {exc}", param) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _CORRUPT as exc:
         raise APIError(400, f"image is truncated or corrupt: {exc}", param) from exc
+    with image:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise APIError(400, "image has no pixels", param)
+        if width * height > limits.max_image_pixels:
+            raise APIError(
+                413, f"image has {width}x{height} pixels, more than the limit {limits.max_image_pixels}", param
+            )
+        shrink = target_short_side is not None and min(width, height) > target_short_side
+        try:
+            if shrink:
+                image.draft("RGB", shrunk_size((width, height), target_short_side))
+            image.load()
+            rgb = image.convert("RGB")
+        except Image.DecompressionBombError as exc:
+            raise APIError(413, f"image is too large to decode safely: {exc}", param) from exc
+        except _CORRUPT as exc:
+            raise APIError(400, f"image is truncated or corrupt: {exc}", param) from exc
+    if shrink and min(rgb.size) > target_short_side:
+        rgb = rgb.resize(shrunk_size(rgb.size, target_short_side), RESAMPLE)
+    return rgb
 
 
-def load_image(ref: str, limits: Limits, param: str = "image") -> Image.Image:
-    return decode_image(image_bytes(ref, limits, param), limits, param)
+def load_image(
+    ref: str, limits: Limits, param: str = "image", target_short_side: int | None = None
+) -> Image.Image:
+    """`decode_image` of `image_bytes`: what the routes call (in a worker thread) for each request image."""
+    return decode_image(image_bytes(ref, limits, param), limits, param, target_short_side)
