@@ -75,7 +75,20 @@ class Limits(BaseModel):
         256, description="Requests one ingress replica works on at once; past it: 503 with Retry-After."
     )
     retry_after_s: PositiveInt = 1
-    rate_limit_per_minute: PositiveInt | None = Field(None, description="Per API key (or client address); None: off.")
+    rate_limit_per_minute: PositiveInt | None = Field(
+        None, description="Per API key (per client address when auth is off), per ingress replica; None: off."
+    )
+    auth_failures_per_minute: PositiveInt | None = Field(
+        30, description="401s a client address may cause a minute (per ingress replica); then 429. None: off."
+    )
+    rate_limit_max_clients: PositiveInt = Field(
+        10_000, description="Buckets each limiter keeps; the least recently seen client is forgotten past it."
+    )
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Proxies (CIDRs) whose forwarded-for header names the client; empty: the TCP peer.",
+    )
+    forwarded_for_header: str = Field("x-forwarded-for", description="The header trusted proxies append to.")
     allow_remote_images: bool = Field(False, description="Let chat image_url parts fetch http(s) URLs.")
     remote_image_timeout_s: PositiveFloat = Field(
         10.0, description="One deadline for the whole fetch: DNS, every redirect, the body."

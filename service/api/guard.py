@@ -3,12 +3,22 @@
 It runs before FastAPI reads the body, so an oversized or unauthenticated request costs no
 parsing. Probes, metrics and docs (`/healthz`, `/readyz`, `/metrics`, `/docs`, `/openapi.json`)
 stay open so Kubernetes and Prometheus need no key; everything under `/v1/` is guarded.
+
+Who a client is: its API key when keys are configured (so everyone behind one proxy does not share
+a bucket), else its address. The address is the TCP peer, or, when that peer is a configured
+trusted proxy, the rightmost forwarded-for entry that is not a trusted proxy itself (entries to
+its left are whatever the client wrote). Failed authentication is limited per address, before
+the key is even compared, so guessing keys is as slow for a right guess as for a wrong one. All
+limits live in this process: they are per ingress replica.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -29,36 +39,75 @@ ENDPOINTS = ("/v1/steer", "/v1/chat/completions", "/v1/encode", "/v1/saes", "/v1
 
 
 class RateLimiter:
-    """A token bucket per client (API key, or address when auth is off): `per_minute` requests, bursts of it."""
+    """A token bucket per client: `per_minute` tokens a minute, bursts of as many.
 
-    def __init__(self, per_minute: int) -> None:
+    At most `max_clients` buckets are kept: past that the least recently seen client is
+    forgotten (it starts again with a full bucket), so a flood of new identities costs bounded memory."""
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000) -> None:
         self.rate = per_minute / 60.0
         self.capacity = float(per_minute)
-        self.buckets: dict[str, tuple[float, float]] = {}
+        self.max_clients = max_clients
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    MAX_CLIENTS = 10_000
+    def _tokens(self, client: str, now: float) -> float:
+        tokens, last = self.buckets.get(client, (self.capacity, now))
+        return min(self.capacity, tokens + (now - last) * self.rate)
+
+    def wait(self, client: str) -> float | None:
+        """None if `client` has a token now, else seconds until it has one (takes nothing)."""
+        tokens = self._tokens(client, time.monotonic())
+        return None if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def allow(self, client: str) -> float | None:
-        """None if allowed, else seconds until a token is free."""
+        """Take a token: None if there was one, else seconds until there is."""
         now = time.monotonic()
-        if len(self.buckets) >= self.MAX_CLIENTS:
-            full_after = self.capacity / self.rate
-            self.buckets = {c: (t, last) for c, (t, last) in self.buckets.items() if now - last < full_after}
-        tokens, last = self.buckets.get(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if tokens < 1.0:
-            self.buckets[client] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        self.buckets[client] = (tokens - 1.0, now)
+        tokens = self._tokens(client, now)
+        taken = tokens >= 1.0
+        self.buckets[client] = (tokens - 1.0 if taken else tokens, now)
+        self.buckets.move_to_end(client)
+        while len(self.buckets) > self.max_clients:
+            self.buckets.popitem(last=False)
+        return None if taken else (1.0 - tokens) / self.rate
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
         return None
 
 
+def client_address(scope: Scope, limits: Limits) -> str:
+    """The client's address: the TCP peer, or what trusted proxies say in `limits.forwarded_for_header`."""
+    peer = (scope.get("client") or ("unknown", 0))[0]
+    trusted = limits.trusted_proxies
+
+    def is_trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        return ip is not None and any(ip in network for network in trusted)
+
+    if not is_trusted(_ip(peer)):
+        return peer
+    name = limits.forwarded_for_header.lower().encode()
+    hops = [hop.strip() for value in (v for k, v in scope["headers"] if k == name)
+            for hop in value.decode("latin-1").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(_ip(hop)):
+            return hop
+    return hops[0] if hops else peer
+
+
 class Guard:
+    """Wraps the FastAPI app; one instance per ingress replica, so its limits are per replica."""
+
     def __init__(self, app: ASGIApp, limits: Limits, api_keys: list[str]) -> None:
         self.app = app
         self.limits = limits
         self.keys = [key.encode() for key in api_keys]
-        self.rate = RateLimiter(limits.rate_limit_per_minute) if limits.rate_limit_per_minute else None
+        per_minute, clients = limits.rate_limit_per_minute, limits.rate_limit_max_clients
+        self.rate = RateLimiter(per_minute, clients) if per_minute else None
+        failures = limits.auth_failures_per_minute
+        self.auth_failures = RateLimiter(failures, clients) if failures and self.keys else None
         self.in_flight = 0
 
     @staticmethod
@@ -68,15 +117,16 @@ class Guard:
         path = scope["path"]
         return (path[len(root):] if root and path.startswith(root) else path) or "/"
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> tuple[bool, str | None]:
-        auth = headers.get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() != b"bearer" or not token:
-            return False, None
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(token.strip(), key)
-        return matched, token.strip().decode(errors="replace")
+    def _key_index(self, headers: dict[bytes, bytes]) -> int | None:
+        """Which configured key the bearer token is (compared with every key, in constant time each)."""
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return None
+        matched = None
+        for index, key in enumerate(self.keys):
+            if hmac.compare_digest(token.strip(), key):
+                matched = index
+        return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,20 +152,24 @@ class Guard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
-        client = (scope.get("client") or ("unknown", 0))[0]
+        address = client_address(scope, self.limits)
+        client = f"address:{address}"
         if self.keys:
-            ok, token = self._authorized(headers)
-            if not ok:
+            if self.auth_failures is not None and (wait := self.auth_failures.wait(address)) is not None:
+                await self._too_many("too many failed authentication attempts; retry later", wait)(
+                    scope, receive, send)
+                return
+            key = self._key_index(headers)
+            if key is None:
+                if self.auth_failures is not None:
+                    self.auth_failures.allow(address)
                 await error_response(401, "missing or invalid API key: send Authorization: Bearer <key>",
                                      headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
                 return
-            client = f"key:{token}"
-        if self.rate is not None:
-            wait = self.rate.allow(client)
-            if wait is not None:
-                await error_response(429, "rate limit exceeded; retry later",
-                                     headers={"Retry-After": str(max(1, round(wait)))})(scope, receive, send)
-                return
+            client = f"key:{key}"
+        if self.rate is not None and (wait := self.rate.allow(client)) is not None:
+            await self._too_many("rate limit exceeded; retry later", wait)(scope, receive, send)
+            return
         if self.in_flight >= self.limits.max_in_flight:
             await error_response(503, "the server is at capacity; retry later",
                                  headers={"Retry-After": str(self.limits.retry_after_s)})(scope, receive, send)
@@ -130,6 +184,10 @@ class Guard:
             await self.app(scope, self._bounded(receive), send)
         finally:
             self.in_flight -= 1
+
+    @staticmethod
+    def _too_many(message: str, wait: float) -> ASGIApp:
+        return error_response(429, message, headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
     def _check_body_headers(self, headers: dict[bytes, bytes]):
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
