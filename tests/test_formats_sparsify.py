@@ -19,8 +19,8 @@ from service.cli import app
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU; the eager one is exact
 sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed (pip install -e '.[dev]')")
-from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
-from sparsify.__main__ import RunConfig  # noqa: E402
+from sparsify import SparseCoder, SparseCoderConfig
+from sparsify.__main__ import RunConfig
 
 D_IN, N, K = 8, 32, 4
 

@@ -28,12 +28,12 @@ from tests.ray_app import local_serve
 from tests.service_fixtures import data_url, noise_image
 
 pytest.importorskip("dictionary_learning", reason="dictionary-learning is not installed (pip install -e '.[dev]')")
-from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer  # noqa: E402
-from dictionary_learning.trainers.matryoshka_batch_top_k import (  # noqa: E402
+from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
+from dictionary_learning.trainers.matryoshka_batch_top_k import (
     MatryoshkaBatchTopKSAE,
     MatryoshkaBatchTopKTrainer,
 )
-from dictionary_learning.training import trainSAE  # noqa: E402
+from dictionary_learning.training import trainSAE
 
 D_IN, N, K, STEPS, SAVE_STEP = 32, 64, 4, 30, 20  # d_in = the tiny towers' width
 LAYER = 1  # the tiny LLaVA's projector reads block 1 of 3 (vision_feature_layer=-2)

@@ -21,14 +21,22 @@ class ExportFormat(str, Enum):
     native = "native"
 
 
-_WRITERS = {ExportFormat.saelens: export_saelens, ExportFormat.sparsify: export_sparsify, ExportFormat.native: save_sae}
+_WRITERS = {
+    ExportFormat.saelens: export_saelens,
+    ExportFormat.sparsify: export_sparsify,
+    ExportFormat.native: save_sae,
+}
 
 
 def export(
-    src: Annotated[str, typer.Argument(help="Checkpoint folder or ae*.pt file (any supported layout), or Hub id.")],
+    src: Annotated[
+        str, typer.Argument(help="Checkpoint folder or ae*.pt file (any supported layout), or Hub id.")
+    ],
     dst: Annotated[Path, typer.Argument(help="Directory to write.")],
     to: Annotated[ExportFormat, typer.Option("--to", help="Layout to write.")] = ExportFormat.saelens,
-    subfolder: Annotated[str | None, typer.Option(help="Sub-folder of SRC holding the SAE (trainer_0, layers.22, ...).")] = None,
+    subfolder: Annotated[
+        str | None, typer.Option(help="Sub-folder of SRC holding the SAE (trainer_0, layers.22, ...).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing checkpoint at DST.")] = False,
 ) -> None:
     """Write SRC to DST in the chosen layout; a bad checkpoint exits 2, an I/O failure 1, with the reason."""

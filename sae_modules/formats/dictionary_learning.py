@@ -64,7 +64,9 @@ def _trainer_config(weights: Path) -> dict[str, Any]:
         config = read_json(path)
         if "trainer" not in config:
             if path.parent == weights.parent:
-                raise CheckpointError(f"{path} has no 'trainer' object: it is not a dictionary_learning config")
+                raise CheckpointError(
+                    f"{path} has no 'trainer' object: it is not a dictionary_learning config"
+                )
             continue
         trainer = config["trainer"]
         if not isinstance(trainer, dict):

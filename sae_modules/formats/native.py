@@ -13,9 +13,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sae_modules.atomic_file import sha256_file
-from sae_modules.formats.writing import write_checkpoint_dir
 from sae_modules.formats.errors import CheckpointError
 from sae_modules.formats.reading import build_and_load, parse_config, read_json, read_safetensors
+from sae_modules.formats.writing import write_checkpoint_dir
 from sae_modules.saes.base import SAE
 
 FORMAT_NAME = "vlm-steer-sae"

@@ -26,7 +26,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sae_modules.formats.writing import write_checkpoint_dir
 from sae_modules.formats.errors import CheckpointError
 from sae_modules.formats.reading import (
     build_and_load,
@@ -35,6 +34,7 @@ from sae_modules.formats.reading import (
     read_json,
     read_safetensors,
 )
+from sae_modules.formats.writing import write_checkpoint_dir
 from sae_modules.saes.base import SAE, SAEConfig
 
 CFG_FILE = "cfg.json"

@@ -22,7 +22,13 @@ import torch
 from safetensors.torch import save_file
 
 from sae_modules.formats.errors import CheckpointError
-from sae_modules.formats.reading import build_and_load, check_tensors, parse_config, read_json, read_safetensors
+from sae_modules.formats.reading import (
+    build_and_load,
+    check_tensors,
+    parse_config,
+    read_json,
+    read_safetensors,
+)
 from sae_modules.formats.writing import write_checkpoint_dir
 from sae_modules.saes.base import SAE
 
