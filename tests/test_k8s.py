@@ -226,7 +226,7 @@ def test_every_file_a_job_names_is_mounted() -> None:
     entrypoints = _entrypoints(docs)
     assert len(entrypoints) == 3
     for pod, argv in entrypoints:
-        files = [a for a in argv if a.startswith("/etc/") or a.startswith("/data/")]
+        files = [a for a in argv if a.startswith(("/etc/", "/data/"))]
         assert files, argv
         for path in files:
             assert _mounted_file(pod, docs, path) is not None, f"{pod.owner}: nothing mounts {path}"
