@@ -1,5 +1,7 @@
 """dictionary_learning checkpoints (the paper's released SAEs): BatchTopK (nn.Linear weights,
-transposed) and Matryoshka BatchTopK (both spellings) load with the latents the library computes."""
+transposed) and Matryoshka BatchTopK (both spellings) load with the latents the installed library
+computes; damaged files are refused clearly. tests/test_paper_checkpoint.py covers files written by
+the library's own trainSAE and the commands that load them."""
 
 from __future__ import annotations
 
@@ -9,39 +11,27 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sae_modules import CheckpointError, load_sae
 from sae_modules.formats import export_saelens
 
+pytest.importorskip("dictionary_learning", reason="dictionary-learning is not installed (pip install -e '.[dev]')")
+from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
+from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
+
 D_IN, N, K, THETA = 6, 16, 3, 0.4
 ATOL = 1e-5
 
 
-# --- Reference: dictionary_learning encode(x, use_threshold=True) / decode, as written upstream ---------
-def ref_batchtopk_encode(state: dict[str, Tensor], x: Tensor) -> Tensor:  # dictionary.BatchTopKSAE
-    post_relu = F.relu(F.linear(x - state["b_dec"], state["encoder.weight"], state["encoder.bias"]))
-    return post_relu * (post_relu > state["threshold"])
-
-
-def ref_batchtopk_decode(state: dict[str, Tensor], f: Tensor) -> Tensor:
-    return F.linear(f, state["decoder.weight"]) + state["b_dec"]
-
-
-def ref_matryoshka_encode(state: dict[str, Tensor], x: Tensor) -> Tensor:  # MatryoshkaBatchTopKSAE
-    post_relu = F.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
-    encoded = post_relu * (post_relu > state["threshold"])
-    group_indices = [0, *torch.cumsum(state["group_sizes"], dim=0).tolist()]
-    encoded[:, group_indices[len(state["group_sizes"])] :] = 0  # active_groups = all groups after loading
-    return encoded
-
-
-def ref_matryoshka_decode(state: dict[str, Tensor], f: Tensor) -> Tensor:
-    return f @ state["W_dec"] + state["b_dec"]
-
-
-# --- end of reference ---------------------------------------------------------------------------------
+def reference(state: dict[str, Tensor]):
+    """dictionary_learning's own module holding `state` (the installed library, not a re-typed copy)."""
+    if "group_sizes" in state:
+        ae = MatryoshkaBatchTopKSAE(D_IN, N, K, group_sizes=state["group_sizes"].tolist())
+    else:
+        ae = BatchTopKSAE(D_IN, N, K)
+    ae.load_state_dict(state)
+    return ae.eval()
 
 
 def batchtopk_state(seed: int = 0) -> dict[str, Tensor]:
@@ -99,44 +89,37 @@ CASES = {
     "BatchTopKSAE": (
         batchtopk_state,
         trainer_config("BatchTopKSAE", "BatchTopKTrainer"),
-        ref_batchtopk_encode,
-        ref_batchtopk_decode,
     ),
     "MatryoshkaBatchTopKSAE": (
         matryoshka_state,
         trainer_config("MatryoshkaBatchTopKSAE", "MatryoshkaBatchTopKTrainer", group_sizes=[2, 4, 10]),
-        ref_matryoshka_encode,
-        ref_matryoshka_decode,
     ),
     "MatroyshkaBatchTopKSAE": (
         matryoshka_state,
         trainer_config("MatroyshkaBatchTopKSAE", "MatroyshkaBatchTopKTrainer", group_sizes=[2, 4, 10]),
-        ref_matryoshka_encode,
-        ref_matryoshka_decode,
     ),
     "Matroyshka-paper-script-config": (  # sae-for-vlm's sae_train.py leaves these empty
         matryoshka_state,
         trainer_config(
             "MatroyshkaBatchTopKSAE", "MatroyshkaBatchTopKTrainer", layer="", lm_name="", submodule_name=""
         ),
-        ref_matryoshka_encode,
-        ref_matryoshka_decode,
     ),
-    "BatchTopKSAE-without-config": (batchtopk_state, None, ref_batchtopk_encode, ref_batchtopk_decode),
-    "Matryoshka-without-config": (matryoshka_state, None, ref_matryoshka_encode, ref_matryoshka_decode),
+    "BatchTopKSAE-without-config": (batchtopk_state, None),
+    "Matryoshka-without-config": (matryoshka_state, None),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_load_gives_dictionary_learning_latents(tmp_path: Path, case: str) -> None:
-    make_state, config, ref_encode, ref_decode = CASES[case]
+    make_state, config = CASES[case]
     state = make_state()
-    sae = load_sae(write_dl(tmp_path / "trainer_0", state, config))
+    sae, theirs = load_sae(write_dl(tmp_path / "trainer_0", state, config)), reference(state)
     x = torch.randn(10, D_IN) * 2
-    expected = ref_encode(state, x)
-    assert 0 < (expected != 0).float().mean() < 1, "the test input must exercise both branches"
-    torch.testing.assert_close(sae.encode(x), expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(sae.decode(expected), ref_decode(state, expected), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        expected = theirs.encode(x)
+        assert 0 < (expected != 0).float().mean() < 1, "the test input must exercise both branches"
+        torch.testing.assert_close(sae.encode(x), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(sae.decode(expected), theirs.decode(expected), atol=ATOL, rtol=0)
     assert (sae.cfg.k, sae.cfg.threshold) == (K, pytest.approx(THETA))
     if config is not None and config["trainer"]["lm_name"]:
         assert (sae.cfg.source.model_id, sae.cfg.source.layer) == ("openai/clip-vit-large-patch14-336", 22)
@@ -166,18 +149,14 @@ def test_release_with_several_saes_in_sub_folders(tmp_path: Path) -> None:
 
 
 def test_exported_to_saelens_gives_the_same_latents(tmp_path: Path) -> None:
-    """The paper's SAE → SAELens jumprelu: SAELens' encode of the export matches dictionary_learning's."""
+    """The paper's SAE → SAELens jumprelu: SAELens' own encode of the export matches dictionary_learning's."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[dev]')")
     state = matryoshka_state()
     export_saelens(load_sae(write_dl(tmp_path / "paper", state, None)), tmp_path / "saelens")
-    from safetensors.torch import load_file
-
-    weights = load_file(tmp_path / "saelens" / "sae_weights.safetensors")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "saelens"), device="cpu")
     x = torch.randn(8, D_IN)
-    hidden_pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
-    saelens_latents = torch.relu(hidden_pre) * (
-        hidden_pre > weights["threshold"].relu()
-    )  # JumpReLUSAE.encode
-    torch.testing.assert_close(saelens_latents, ref_matryoshka_encode(state, x), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), reference(state).encode(x), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -228,3 +207,19 @@ def test_pickled_code_is_not_executed(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_path_to_the_weights_file_itself(tmp_path: Path) -> None:
     path = write_dl(tmp_path / "sae", batchtopk_state(), None)
     assert load_sae(path / "ae.pt").cfg.architecture == "batchtopk"
+
+
+def test_training_backup_is_refused_with_what_to_load_instead(tmp_path: Path) -> None:
+    """trainSAE(backup_steps=...) overwrites ae.pt with {step, ae, optimizer, config, norm_factor} while it
+    trains: weights in training units, not a checkpoint to serve."""
+    ae = reference(batchtopk_state())
+    optimizer = torch.optim.Adam(ae.parameters())
+    ae(torch.randn(4, D_IN)).sum().backward()
+    optimizer.step()
+    backup = {"step": 7, "ae": ae.state_dict(), "optimizer": optimizer.state_dict(),
+              "config": trainer_config("BatchTopKSAE", "BatchTopKTrainer")["trainer"], "norm_factor": 2.5}
+    path = tmp_path / "trainer_0"
+    path.mkdir()
+    torch.save(backup, path / "ae.pt")
+    with pytest.raises(CheckpointError, match=r"training backup \(step 7\).*checkpoints/ae_<step>\.pt"):
+        load_sae(path)
