@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -53,6 +52,7 @@ def _config(shards: Path, out: Path, **changes) -> TrainConfig:
         "log_every": 1,
         "dead_window": 3 * 64,
         "threshold_decay": 0.9,
+        "threshold_start_step": 5,
         "threads": 1,
         "progress": False,
     }
@@ -91,27 +91,40 @@ def test_log_has_every_field_and_consistent_figures(uninterrupted):
     assert all(LOG_FIELDS <= set(r) for r in rows)
     last = rows[-1]
     assert last["samples"] == 30 * 64 and last["epoch"] == pytest.approx(30 * 64 / (5 * 256))
-    assert last["loss"] == pytest.approx(last["loss_l2"] + 1 / 32 * last["loss_auxk"], rel=1e-5)
+    assert last["loss"] == pytest.approx(last["loss_l2"] + 0.03 * last["loss_auxk"], rel=1e-5)
     assert 0 <= last["dead_fraction"] <= 1 and 0 < last["fvu"] < 1
-    # a latent unfired for 3 batches is dead; the next step's AuxK loss then works on it
-    assert any(r["dead_fraction"] > 0 for r in rows)
-    assert all(nxt["loss_auxk"] > 0 for r, nxt in pairwise(rows) if r["dead_fraction"] > 0)
-    assert all(nxt["loss_auxk"] == 0 for r, nxt in pairwise(rows) if r["dead_fraction"] == 0)
+    # a latent unfired for 3 batches, this one included, is dead; this step's AuxK loss works on it
+    assert any(r["dead_fraction"] > 0 for r in rows) and any(r["dead_fraction"] == 0 for r in rows)
+    assert all((r["loss_auxk"] > 0) == (r["dead_fraction"] > 0) for r in rows)
     counters = load_checkpoint(latest_checkpoint(uninterrupted.parent)).state.samples_since_fired
     assert last["dead_fraction"] == float((counters >= 3 * 64).double().mean())
     assert bool((counters % 64 == 0).all()) and int(counters.max()) <= 30 * 64
-    cfg = _config(Path("."), Path("."))
-    assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 30, cfg) for s in range(30)])
+    assert [r["lr"] for r in rows] == pytest.approx([2e-2 * min(s / 5, 1) for s in range(30)])
 
 
 def test_learning_rate_schedule():
-    cfg = _config(Path("."), Path("."), warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
-    assert lr_at(0, 110, cfg) == pytest.approx(0.1) and lr_at(9, 110, cfg) == pytest.approx(1.0)
-    assert lr_at(10, 110, cfg) == pytest.approx(1.0) and lr_at(109, 110, cfg) == pytest.approx(0.1)
-    assert lr_at(59.5, 110, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
-    linear = cfg.model_copy(update={"decay": "linear"})
-    assert lr_at(10 + 99 / 4, 110, linear) == pytest.approx(0.1 + 0.9 * 0.75)
-    assert math.isclose(lr_at(50, 110, cfg.model_copy(update={"decay": "constant"})), 1.0)
+    """The reference's LambdaLR factors: s/warmup, 1, then (total - s)/decay_steps."""
+    cfg = _config(Path("."), Path("."), warmup_steps=10, decay="linear", decay_steps=20)
+    assert [lr_at(s, 110, cfg, 2.0) for s in (0, 5, 10, 89, 90, 100, 109)] == pytest.approx(
+        [0.0, 1.0, 2.0, 2.0, 2.0, 1.0, 0.1]
+    )
+    paper = _config(Path("."), Path("."), warmup_steps=None, decay=None)  # the recipe's: 1000, linear over 1
+    assert (paper.warmup_steps, paper.decay, paper.decay_steps) == (1000, "linear", 1)
+    assert lr_at(1999, 2000, paper, 1.0) == 1.0 and lr_at(500, 2000, paper, 1.0) == 0.5
+    cosine = cfg.model_copy(update={"decay": "cosine", "min_lr_ratio": 0.1})
+    assert lr_at(10, 110, cosine, 1.0) == pytest.approx(1.0) and lr_at(
+        109, 110, cosine, 1.0
+    ) == pytest.approx(0.1)
+    assert lr_at(59.5, 110, cosine, 1.0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert math.isclose(lr_at(50, 110, cfg.model_copy(update={"decay": "constant"}), 1.0), 1.0)
+
+
+def test_default_learning_rate_scales_with_width():
+    cfg = _config(Path("."), Path("."), lr=None)
+    assert cfg.peak_lr(2**14) == 2e-4 and cfg.peak_lr(2**16) == pytest.approx(1e-4)
+    signum = _config(Path("."), Path("."), lr=None, recipe="signum", warmup_steps=None, decay=None)
+    assert (signum.optimizer, signum.warmup_steps, signum.decay) == ("signum", 0, "constant")
+    assert signum.peak_lr(2**16) == pytest.approx(2.5e-3)
 
 
 def test_checkpoints_are_pruned_and_hold_the_full_state(uninterrupted):
@@ -219,6 +232,9 @@ def test_cli_trains_from_yaml_with_flag_overrides(shards, tmp_path):
         (["--d-in", "17"], "d_in: the config says 17"),
         (["--architecture", "matryoshka_batchtopk", "--group-fractions", "0.5,0.2"], "group_fractions"),
         (["--k", "100"], "k=100 exceeds n_latents=32"),
+        (["--architecture", "gated"], "'gated' is inference-only"),
+        (["--optimizer", "signum"], "warmup_steps: signum's schedule-free averaging takes no warm-up"),
+        (["--betas", "0.9"], "betas"),
         (["--batch-size", "63", "--workers", "2"], "batch_size"),
     ],
 )
@@ -263,3 +279,61 @@ def test_dry_run_checks_settings_and_shards_without_training(shards, tmp_path):
     assert "d_in: the config says 17, the shards" in bad.output
     missing = _cli(["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--dry-run"])
     assert missing.exit_code == 2 and "shards:" in missing.output and "Traceback" not in missing.output
+
+
+def test_every_setting_has_a_flag_and_reaches_the_run(shards, tmp_path):
+    from sae_modules.train.cli import _settings
+
+    app = typer.Typer()
+    app.command()(train)
+    flags = {opt for param in typer.main.get_command(app).params for opt in param.opts}
+    assert {"--" + name.replace("_", "-") for name in _settings(TrainConfig)} <= flags
+    assert {"--betas", "--min-lr-ratio", "--auxk-k", "--optimizer", "--recipe"} <= flags
+    args = ["--shards", str(shards), "--out", str(tmp_path / "run"), "--n-latents", "32", "--k", "2"]
+    args += ["--steps", "2", "--no-progress", "--betas", "0.8,0.95", "--min-lr-ratio", "0.1"]
+    args += ["--auxk-k", "3", "--threshold-start-step", "0", "--decay", "cosine", "--b-dec-init", "zeros"]
+    result = _cli(args)
+    assert result.exit_code == 0, result.output
+    config = load_checkpoint(latest_checkpoint(tmp_path / "run")).config
+    assert config.betas == (0.8, 0.95) and config.min_lr_ratio == 0.1 and config.sae.auxk_k == 3
+    assert config.threshold_start_step == 0 and config.decay == "cosine" and config.b_dec_init == "zeros"
+
+
+def test_yaml_takes_a_nested_sae_section(shards, tmp_path):
+    (tmp_path / "train.yaml").write_text(
+        f"shards: {shards}\nout: {tmp_path / 'run'}\nsae:\n  architecture: topk\n  n_latents: 32\n  k: 3\n"
+    )
+    result = _cli(["--config", str(tmp_path / "train.yaml"), "--k", "4", "--dry-run"])
+    assert result.exit_code == 0 and result.output.startswith("ok: topk d_in=16 n_latents=32"), result.output
+    settings = TrainConfig.model_validate(yaml.safe_load((tmp_path / "train.yaml").read_text()))
+    assert settings.sae.k == 3 and settings.sae.architecture == "topk"
+
+
+def test_signum_resumes_bit_exactly_and_ships_the_schedule_free_average(shards, tmp_path):
+    config = _config(shards, tmp_path / "whole", recipe="signum", warmup_steps=None, decay=None, lr=None)
+    whole = train_sae(config)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_13(record):
+        if record.step == 13:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_sae(config.model_copy(update={"out": tmp_path / "cut"}), on_step=stop_at_13)
+    resumed = train_sae(config.model_copy(update={"out": tmp_path / "cut", "resume": True}))
+    for name, value in _weights(resumed).items():
+        assert torch.equal(value, _weights(whole)[name]), name
+    # the shipped weights are x = y + (1 - 1/momentum)(z - y), with the input scale folded in
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "whole"))
+    names = ["W_dec", "W_enc", "b_dec", "b_enc"]  # parameter order of the SAE module
+    order = {int(i): state["z"] for i, state in ckpt.optimizer_state["state"].items()}
+    params = dict(zip(["W_dec", "W_enc", "b_enc", "b_dec"], [order[i] for i in range(4)]))
+    shipped = _weights(whole)
+    for name in names:
+        y, z = ckpt.sae_state[name], params[name]
+        x = y + (1 - 1 / 0.95) * (z - y)
+        scale = ckpt.state.input_scale if name.startswith("b_") else 1.0
+        assert torch.allclose(shipped[name], x * scale, rtol=1e-5, atol=1e-6), name
+    assert ckpt.optimizer_state["param_groups"][0]["lr"] == pytest.approx(5e-3 / (32 / 2**14) ** 0.5)

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 Architecture = Literal["relu", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated"]
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
+#: Architectures that load from foreign checkpoints but have no training loss here.
+INFERENCE_ONLY = ("jumprelu", "gated")
 
 
 class SourceInfo(BaseModel):
@@ -40,31 +42,43 @@ class SAEInputError(ValueError):
     """Activations whose shape does not fit the SAE; the message gives both shapes."""
 
 
-class SAEConfig(BaseModel):
-    """Everything needed to rebuild an SAE module from its tensors, plus provenance and metrics."""
+class SAESettings(BaseModel):
+    """The choices that define an SAE and its training loss apart from its size.
+
+    Shared, not copied: a saved SAE's `SAEConfig` extends it with the sizes and the learned θ, and
+    a training run's `sae` section (`sae_modules.train.config.SAESection`) with sizes relative to
+    the activations. Defaults are the paper's (Pach et al., dictionary_learning's trainers).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     architecture: Architecture
+    k: PositiveInt | None = Field(None, description="Active latents per sample (TopK family).")
+    rescale_acts_by_decoder_norm: bool = Field(
+        False, description="SAELens topk option: latents are scaled by their decoder norm before selection."
+    )
+    l1_coeff: float = Field(0.0, ge=0, description="ReLU SAE sparsity penalty.")
+    auxk_alpha: float = Field(
+        0.03, ge=0, description="Weight of the AuxK loss on dead latents (the paper's scripts: 0.03)."
+    )
+    auxk_k: PositiveInt | None = Field(None, description="Latents the AuxK loss uses; default d_in // 2.")
+    dead_window: PositiveInt = Field(
+        10_000_000, description="A latent unfired for this many samples is dead."
+    )
+    threshold_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay of the BatchTopK threshold.")
+
+
+class SAEConfig(SAESettings):
+    """Everything needed to rebuild an SAE module from its tensors, plus provenance and metrics."""
+
     d_in: PositiveInt
     n_latents: PositiveInt
-    k: PositiveInt | None = Field(None, description="Active latents per sample (TopK family).")
     threshold: float | None = Field(
         None, description="Global inference threshold θ of BatchTopK/Matryoshka (raw activation units)."
     )
     group_sizes: list[PositiveInt] | None = Field(
         None, description="Matryoshka nested group sizes, summing to n_latents."
     )
-    rescale_acts_by_decoder_norm: bool = Field(
-        False, description="SAELens topk option: latents are scaled by their decoder norm before selection."
-    )
-    l1_coeff: float = Field(0.0, ge=0, description="ReLU SAE sparsity penalty.")
-    auxk_alpha: float = Field(1 / 32, ge=0, description="Weight of the AuxK loss on dead latents.")
-    auxk_k: PositiveInt | None = Field(None, description="Latents the AuxK loss uses; default d_in // 2.")
-    dead_window: PositiveInt = Field(
-        10_000_000, description="A latent unfired for this many samples is dead."
-    )
-    threshold_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay of the BatchTopK threshold.")
     source: SourceInfo = Field(default_factory=SourceInfo)
     metrics: dict[str, float] = Field(default_factory=dict)
 

@@ -28,8 +28,10 @@ def group_sizes_from_fractions(n_latents: int, fractions: list[float]) -> list[i
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """BatchTopK selection and threshold θ (see `BatchTopKSAE`), trained with one reconstruction
-    loss per prefix: latents of groups 0..i (plus b_dec) reconstruct x, and the loss is the mean of
-    those prefix losses. The full reconstruction is the last prefix; `losses["l2"]` is its loss.
+    loss per prefix: latents of groups 0..i (plus b_dec) reconstruct x. The loss weights them as the
+    reference trainer does with its default group weights 1/G: mean over prefixes of (1/G)·L_i,
+    i.e. Σ L_i / G², which sets their balance against AuxK (`auxk_alpha` · AuxK).
+    `losses["prefix_l2"]` is that weighted term; `losses["l2"]` the full (last prefix) loss.
     """
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -51,4 +53,5 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         parts = sparse_decode(bags, values, self.W_dec).view(x.shape[0], n_groups, -1)
         prefixes = parts.cumsum(dim=1) + self.b_dec
         prefix_l2 = (x.unsqueeze(1) - prefixes).pow(2).sum(-1).mean(0)
-        return prefixes[:, -1], prefix_l2.mean(), {"l2": prefix_l2[-1], "prefix_l2": prefix_l2.mean()}
+        weighted = prefix_l2.mean() / n_groups
+        return prefixes[:, -1], weighted, {"l2": prefix_l2[-1], "prefix_l2": weighted}

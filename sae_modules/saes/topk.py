@@ -82,7 +82,9 @@ class TopKSAE(SAE):
         return (err / variance).nan_to_num(0.0)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
-        """Training semantics. `dead_mask` (bool [n_latents]) turns on the AuxK loss over those latents."""
+        """Training semantics. `dead_mask` (bool [n_latents]) turns on the AuxK loss over the latents
+        it marks that do not fire on this batch: the reference trainers count this batch before
+        deciding who is dead, so a latent that fires now is never dead now."""
         flat = self._flatten_input(x).to(self.W_enc.dtype)
         if dead_mask is not None and dead_mask.shape != (self.n_latents,):
             raise SAEInputError(f"dead_mask has shape {tuple(dead_mask.shape)}, expected ({self.n_latents},)")
@@ -93,8 +95,11 @@ class TopKSAE(SAE):
         recon, loss, losses = self._recon_loss(flat, sel, values)
         auxk = loss.new_zeros(())
         if dead_mask is not None and self._cfg.auxk_alpha > 0 and bool(dead_mask.any()):
-            auxk = self._auxk_loss(pre, flat, (flat - recon).detach(), dead_mask)
-            loss = loss + self._cfg.auxk_alpha * auxk
+            dead_mask = dead_mask.clone()
+            dead_mask[sel.cols[values > 0]] = False
+            if bool(dead_mask.any()):
+                auxk = self._auxk_loss(pre, flat, (flat - recon).detach(), dead_mask)
+                loss = loss + self._cfg.auxk_alpha * auxk
         losses["auxk"] = auxk
         return SAEOutput(recon.reshape(x.shape), sparse_latents(sel, values), loss, losses)
 

@@ -1,97 +1,100 @@
-"""`vlm-steer train`: settings from a YAML file, each overridable by a flag of the same name."""
+"""`vlm-steer train`: settings from a YAML file, each overridable by a flag of the same name.
+
+The flags are generated from `TrainConfig` (and its `sae` section), so every setting has one and
+a new setting needs no CLI code: `--k 20`, `--betas 0.9,0.99`, `--group-fractions 0.25,0.75`.
+"""
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from sae_modules.activations.shards import ShardError
 from sae_modules.formats import CheckpointError
 from sae_modules.formats.native import CFG_FILE, read_json
 from sae_modules.saes.base import SAEConfigError
-from sae_modules.train.config import TrainConfigError, load_train_config
+from sae_modules.train.config import TrainConfig, TrainConfigError, load_train_config
 
 _USER_ERRORS: tuple[type[Exception], ...] = (TrainConfigError, ShardError, CheckpointError, SAEConfigError)
 """Failures the user can fix; anything else is a bug and keeps its traceback."""
 
-
-def _fractions(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise TrainConfigError(
-            f"group_fractions: {text!r} is not a comma-separated list of numbers"
-        ) from None
+_OWN_OPTIONS = ("config", "dry_run")
 
 
-def train(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file of settings.")] = None,
-    shards: Annotated[Path | None, typer.Option(help="Activation shard directory.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (checkpoints, log, final sae/).")] = None,
-    architecture: Annotated[
-        str | None, typer.Option(help="relu | topk | batchtopk | matryoshka_batchtopk")
-    ] = None,
-    n_latents: Annotated[int | None, typer.Option(help="Dictionary size (default expansion × d_in).")] = None,
-    expansion: Annotated[float | None, typer.Option(help="n_latents as a multiple of d_in.")] = None,
-    k: Annotated[int | None, typer.Option(help="Active latents per sample (TopK family).")] = None,
-    group_fractions: Annotated[
-        str | None, typer.Option(help="Matryoshka groups, e.g. 0.0625,0.1875,0.75.")
-    ] = None,
-    l1_coeff: Annotated[float | None, typer.Option(help="ReLU SAE sparsity penalty.")] = None,
-    auxk_alpha: Annotated[float | None, typer.Option(help="AuxK loss weight.")] = None,
-    dead_window: Annotated[
-        int | None, typer.Option(help="Samples without firing before a latent is dead.")
-    ] = None,
-    d_in: Annotated[int | None, typer.Option(help="Expected activation width (checked).")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Vectors per optimizer step (over all workers).")
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
-    epochs: Annotated[
-        float | None, typer.Option(help="Passes over the training shards (if no --steps).")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak Adam learning rate.")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
-    decay: Annotated[str | None, typer.Option(help="cosine | linear | constant")] = None,
-    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seeds initialisation and the data order.")] = None,
-    buffer_mb: Annotated[float | None, typer.Option(help="Shuffle buffer size in MiB.")] = None,
-    holdout: Annotated[
-        float | None, typer.Option(help="Held-out fraction of vectors for the final evaluation.")
-    ] = None,
-    holdout_shards: Annotated[
-        int | None, typer.Option(help="Held-out last shards (if no --holdout).")
-    ] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
-    resume: Annotated[
-        bool | None, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint.")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Ray Train data-parallel workers (1 = in-process).")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ...")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
-    progress: Annotated[
-        bool | None, typer.Option("--progress/--no-progress", help="Show a progress bar.")
-    ] = None,
-    dry_run: Annotated[
-        bool,
-        typer.Option("--dry-run", help="Check the settings and the shards (manifest, d_in), then exit without training."),
-    ] = False,
-) -> None:
-    """Train an SAE on activation shards; writes OUT/sae (cfg.json + sae.safetensors) and OUT/train_log.jsonl."""
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "dry_run")}
+def _settings(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """Every leaf setting of `model` by its own name; nested sections are flattened (their
+    fields are accepted at the top level, see TrainConfig)."""
+    leaves: dict[str, FieldInfo] = {}
+    for name, info in model.model_fields.items():
+        inner = _unwrap_optional(info.annotation)
+        found = _settings(inner) if isinstance(inner, type) and issubclass(inner, BaseModel) else {name: info}
+        clash = (leaves.keys() & found.keys()) | (found.keys() & set(_OWN_OPTIONS))
+        if clash:
+            raise TypeError(f"settings {sorted(clash)} appear twice; flags need unique names")
+        leaves.update(found)
+    return leaves
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """X for X | None and for Annotated[X, constraints] (pydantic checks the constraints)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap_optional(args[0]) if len(args) == 1 else str
+    if typing.get_origin(annotation) is Annotated:
+        return _unwrap_optional(typing.get_args(annotation)[0])
+    return annotation
+
+
+def _option(name: str, info: FieldInfo) -> inspect.Parameter:
+    """A typer option for one setting: bools as --x/--no-x, lists as comma-separated text,
+    Literal choices as text listed in the help (pydantic checks them and names the field)."""
+    kind = _unwrap_optional(info.annotation)
+    flag = "--" + name.replace("_", "-")
+    help_text = info.description or name.replace("_", " ")
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        option, kind = typer.Option(f"{flag}/--no-{flag[2:]}", help=help_text), bool
+    elif origin is typing.Literal:
+        choices = ", ".join(str(c) for c in typing.get_args(kind))
+        option, kind = typer.Option(flag, help=f"{help_text} (one of: {choices})"), str
+    elif origin in (list, tuple):
+        option, kind = typer.Option(flag, help=f"{help_text} (comma-separated)"), str
+    else:
+        option = typer.Option(flag, help=help_text)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+    )
+
+
+def _overrides(values: dict[str, Any]) -> dict[str, Any]:
+    """Flag values as settings: comma-separated text becomes a list for list-valued settings."""
+    settings = _settings(TrainConfig)
+    result = {}
+    for name, value in values.items():
+        if isinstance(value, str) and typing.get_origin(_unwrap_optional(settings[name].annotation)) in (
+            list,
+            tuple,
+        ):
+            value = [part.strip() for part in value.split(",")]
+        result[name] = value
+    return result
+
+
+def _run(config: Path | None, dry_run: bool, **flags: Any) -> None:
+    """Train an SAE on activation shards; writes OUT/sae (cfg.json + sae.safetensors), OUT/train_log.jsonl."""
     from sae_modules.train.api import train_sae
     from sae_modules.train.trainer import plan_run
 
     try:
-        overrides["group_fractions"] = _fractions(group_fractions)
-        settings = load_train_config(config, **overrides)
+        settings = load_train_config(config, **_overrides(flags))
         if dry_run:
             typer.echo(plan_run(settings).summary())
             return
@@ -103,3 +106,39 @@ def train(
     typer.echo(f"SAE written to {final}")
     if metrics:
         typer.echo("held-out: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+def _command() -> Callable[..., None]:
+    """`_run` with one keyword option per setting, in the order TrainConfig declares them."""
+    own = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option("--config", "-c", help="YAML file of settings.")],
+        ),
+        inspect.Parameter(
+            "dry_run",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--dry-run", help="Check the settings and the shards (manifest, d_in); do not train."
+                ),
+            ],
+        ),
+    ]
+    params = own + [_option(name, info) for name, info in _settings(TrainConfig).items()]
+
+    def train(**values: Any) -> None:
+        flags = {k: v for k, v in values.items() if k not in _OWN_OPTIONS}
+        _run(values.get("config"), bool(values.get("dry_run")), **flags)
+
+    train.__doc__ = _run.__doc__
+    train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    train.__annotations__ = {p.name: p.annotation for p in params}
+    return train
+
+
+train = _command()

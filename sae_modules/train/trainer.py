@@ -10,7 +10,6 @@ rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import math
@@ -25,12 +24,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae_modules.activations.shards import ShardError, ShardManifest, read_manifest
+from sae_modules.atomic_file import write_atomic
 from sae_modules.formats import CheckpointError, save_sae
 from sae_modules.metrics import ReconstructionMetrics
-from sae_modules.saes import ARCHITECTURES, build_sae, group_sizes_from_fractions
-from sae_modules.saes.base import SAE, SAEConfig, SAEOutput, SourceInfo, fire_counts
+from sae_modules.saes import BatchTopKSAE, build_sae, group_sizes_from_fractions
+from sae_modules.saes.base import SAE, SAEConfig, SAEOutput, SAESettings, SourceInfo, fire_counts
 from sae_modules.train.config import TrainConfig, TrainConfigError, describe_validation_error
 from sae_modules.train.data import Piece, ShardReader, ShardStream, split_holdout
+from sae_modules.train.geometric_median import geometric_median
+from sae_modules.train.optim import Optimizer, build_optimizer, inference_weights
 from sae_modules.train.state import (
     Checkpoint,
     TrainingState,
@@ -88,18 +90,17 @@ class Plan:
 
 
 def _sae_config(config: TrainConfig, manifest: ShardManifest) -> SAEConfig:
-    """The SAE's config: architecture settings from the run, width and provenance from the shards."""
-    n_latents = config.n_latents or max(1, round(config.expansion * manifest.d_in))
-    values = {
-        "architecture": config.architecture,
-        "d_in": manifest.d_in,
-        "n_latents": n_latents,
-        "source": SourceInfo(model_id=manifest.model, layer=manifest.layer, tokens=manifest.tokens),
-    }
-    if config.group_fractions is not None:
-        values["group_sizes"] = group_sizes_from_fractions(n_latents, config.group_fractions)
-    optional = ("k", "l1_coeff", "auxk_alpha", "auxk_k", "dead_window", "threshold_decay")
-    values.update({name: getattr(config, name) for name in optional if getattr(config, name) is not None})
+    """The SAE's config: the run's `sae` settings, width and provenance from the shards."""
+    section = config.sae
+    n_latents = section.n_latents or max(1, round(section.expansion * manifest.d_in))
+    values = section.model_dump(include=set(SAESettings.model_fields))
+    values.update(
+        d_in=manifest.d_in,
+        n_latents=n_latents,
+        source=SourceInfo(model_id=manifest.model, layer=manifest.layer, tokens=manifest.tokens),
+    )
+    if section.group_fractions is not None:
+        values["group_sizes"] = group_sizes_from_fractions(n_latents, section.group_fractions)
     try:
         return SAEConfig.model_validate(values)
     except ValidationError as err:
@@ -108,10 +109,6 @@ def _sae_config(config: TrainConfig, manifest: ShardManifest) -> SAEConfig:
 
 def plan_run(config: TrainConfig) -> Plan:
     """Check everything that can be checked before training starts; raise a clear error otherwise."""
-    if config.architecture not in ARCHITECTURES:
-        raise TrainConfigError(
-            f"architecture: {config.architecture!r} is not trainable here (choose from {', '.join(ARCHITECTURES)})"
-        )
     if not config.shards.is_dir():
         raise TrainConfigError(f"shards: {config.shards} is not a directory")
     manifest = read_manifest(config.shards)
@@ -160,15 +157,21 @@ def _checkpoint_to_resume(config: TrainConfig, fingerprint: str) -> Checkpoint |
     return checkpoint
 
 
-def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
-    """Learning rate of 0-based step `step`: linear warm-up, then decay to min_lr_ratio × lr."""
+def lr_at(step: int, total_steps: int, config: TrainConfig, peak: float) -> float:
+    """Learning rate of 0-based step `step`, as the reference's LambdaLR gives it: warm-up
+    peak·step/warmup_steps (0 at step 0), then constant; `linear` falls over the last decay_steps
+    as (total − step)/decay_steps, `cosine` over everything after warm-up; both towards
+    min_lr_ratio × peak."""
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return peak * step / config.warmup_steps
     if config.decay == "constant":
-        return config.lr
-    progress = min((step - config.warmup_steps) / max(total_steps - config.warmup_steps - 1, 1), 1.0)
-    factor = 0.5 * (1 + math.cos(math.pi * progress)) if config.decay == "cosine" else 1 - progress
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * factor)
+        return peak
+    if config.decay == "linear":
+        factor = min(1.0, (total_steps - step) / config.decay_steps)
+    else:
+        progress = min((step - config.warmup_steps) / max(total_steps - config.warmup_steps - 1, 1), 1.0)
+        factor = 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (config.min_lr_ratio + (1 - config.min_lr_ratio) * factor)
 
 
 def estimate_input_scale(batches: Iterator[Tensor], n_batches: int) -> float:
@@ -195,9 +198,10 @@ def _all_reduce(t: Tensor) -> Tensor:
     return t
 
 
-def folded_sae(sae: SAE, input_scale: float) -> SAE:
-    """A CPU copy in inference mode that takes raw activations (the input scale folded in)."""
-    folded = copy.deepcopy(sae).cpu().eval()
+def folded_sae(sae: SAE, optimizer: Optimizer, input_scale: float) -> SAE:
+    """A CPU copy in inference mode with the weights to ship (the schedule-free average under
+    signum) that takes raw activations (the input scale folded in)."""
+    folded = inference_weights(sae, optimizer).cpu().eval()
     folded.fold_input_scale(input_scale)
     return folded
 
@@ -276,17 +280,19 @@ def _rewrite_log(path: Path, upto_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # the half-written last line of a killed run
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 def _start_or_restore(
-    plan: Plan, sae: SAE, optimizer: torch.optim.Optimizer, stream: ShardStream, device: torch.device
+    plan: Plan, sae: SAE, optimizer: Optimizer, stream: ShardStream, device: torch.device
 ) -> TrainingState:
-    """Load the checkpoint into `sae` and `optimizer`, or measure the input scale for a fresh run."""
+    """Load the checkpoint into `sae` and `optimizer`, or measure the input scale (and start b_dec
+    at the first batch's geometric median, as the reference does) for a fresh run."""
     if plan.checkpoint is None:
         scale = estimate_input_scale(stream.batches(0), plan.config.scale_batches)
+        if plan.config.b_dec_init == "geometric_median":
+            first = next(stream.batches(0)).to(device) / scale
+            sae.b_dec.data.copy_(geometric_median(first))
         zeros = torch.zeros(plan.sae_cfg.n_latents, dtype=torch.int64, device=device)
         return TrainingState(step=0, input_scale=scale, samples_since_fired=zeros, epoch=0, epoch_offset=0)
     sae.load_state_dict(plan.checkpoint.sae_state)
@@ -323,7 +329,8 @@ def _train(plan: Plan, on_step: Callable[[StepRecord], None] | None) -> Path:
 
     torch.manual_seed(config.seed)
     sae = build_sae(plan.sae_cfg).to(device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, betas=config.betas)
+    peak_lr = config.peak_lr(plan.sae_cfg.n_latents)
+    optimizer = build_optimizer(config, sae, peak_lr)
     state = _start_or_restore(plan, sae, optimizer, stream, device)
     model = torch.nn.parallel.DistributedDataParallel(sae) if world > 1 else sae
 
@@ -342,7 +349,7 @@ def _train(plan: Plan, on_step: Callable[[StepRecord], None] | None) -> Path:
             optimizer_state=optimizer.state_dict(),
             state=state,
             data_fingerprint=data_fingerprint(plan.manifest),
-            export_sae=lambda d: save_sae(folded_sae(sae, state.input_scale), d),
+            export_sae=lambda d: save_sae(folded_sae(sae, optimizer, state.input_scale), d),
         )
 
     local = config.batch_size // world
@@ -354,11 +361,12 @@ def _train(plan: Plan, on_step: Callable[[StepRecord], None] | None) -> Path:
     with log_path.open("a") if rank == 0 else contextlib.nullcontext() as log:
         while state.step < plan.total_steps:
             x = next(batches)[rank * local : (rank + 1) * local].to(device) / state.input_scale
-            lr = lr_at(state.step, plan.total_steps, config)
+            lr = lr_at(state.step, plan.total_steps, config, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            dead_mask = state.samples_since_fired >= dead_window
-            out = model(x, dead_mask)
+            if isinstance(sae, BatchTopKSAE):
+                sae.learn_threshold = state.step > config.threshold_start_step
+            out = model(x, state.samples_since_fired + config.batch_size >= dead_window)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             sae.remove_parallel_decoder_grad()
@@ -387,7 +395,7 @@ def _train(plan: Plan, on_step: Callable[[StepRecord], None] | None) -> Path:
     bar.close()
     final = config.out / FINAL_SAE
     if rank == 0:
-        folded = folded_sae(sae, state.input_scale)
+        folded = folded_sae(sae, optimizer, state.input_scale)
         if plan.holdout_pieces:
             metrics = evaluate_sae(folded, reader.batches(plan.holdout_pieces, config.batch_size))
             folded.cfg = folded.cfg.model_copy(update={"metrics": metrics})

@@ -1,0 +1,56 @@
+"""The two optimizers a run can use: Adam (the paper's) and signum (sparsify's: sign-SGD under the
+schedule-free wrapper with momentum), behind the calls the trainer makes on either.
+
+Schedule-free keeps two points per parameter: the module holds y (where gradients are taken, the
+one training and checkpoints use) and the optimizer state holds z; the weights to evaluate and
+ship are x = y + (1 - 1/momentum)(z - y). `inference_weights` computes x on a copy, so training
+state is never switched back and forth (which would round y and break bit-exact resume).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from schedulefree import ScheduleFreeWrapper
+from torch import nn
+
+from sae_modules.train.config import TrainConfig
+
+Optimizer = torch.optim.Optimizer | ScheduleFreeWrapper
+
+
+class SignSGD(torch.optim.Optimizer):
+    """p ← p − lr · sign(grad): steepest descent in the L∞ norm (Bernstein et al. 2018)."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def build_optimizer(config: TrainConfig, module: nn.Module, lr: float) -> Optimizer:
+    """A fresh optimizer for `module`, in training mode."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=config.betas)
+    wrapped = ScheduleFreeWrapper(SignSGD(module.parameters(), lr=lr), momentum=config.momentum)
+    wrapped.train()  # no state yet, so this only sets the mode; a restored state is y already
+    return wrapped
+
+
+@torch.no_grad()
+def inference_weights(module: nn.Module, optimizer: Optimizer) -> nn.Module:
+    """A copy of `module` with the weights to evaluate: the module itself for Adam, the
+    schedule-free average x for signum."""
+    result = copy.deepcopy(module)
+    if isinstance(optimizer, ScheduleFreeWrapper):
+        for param, original in zip(result.parameters(), module.parameters()):
+            z = optimizer.state[original].get("z")
+            if z is not None:
+                param.lerp_(z, 1 - 1 / optimizer.momentum)
+    return result
