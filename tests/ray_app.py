@@ -20,15 +20,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_ray(num_cpus: int = 2, dashboard: bool = False) -> Iterator[None]:
+def local_ray(num_cpus: int = 2, dashboard: bool = False, metrics_export_port: int | None = None) -> Iterator[None]:
     """A local Ray in a short temp dir under /tmp, shut down and removed afterwards.
 
-    `dashboard` starts Ray's dashboard on a free port: the state API (`ray.util.state`) needs it."""
+    `dashboard` starts Ray's dashboard on a free port: the state API (`ray.util.state`) needs it.
+    `metrics_export_port`: where Ray serves its Prometheus metrics (ray_serve_*), as on a cluster."""
     import ray
 
     ray_dir = tempfile.mkdtemp(prefix="vs", dir="/tmp")
     ray.init(_temp_dir=ray_dir, include_dashboard=dashboard, dashboard_port=free_port() if dashboard else None,
-             num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
+             num_cpus=num_cpus, log_to_driver=False, configure_logging=False,
+             _metrics_export_port=metrics_export_port)
     try:
         yield
     finally:
