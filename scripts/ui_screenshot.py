@@ -10,6 +10,7 @@ The PNG is quantised to 256 colours so the committed file stays small.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
+from sae_modules.atomic_file import atomic_write_bytes
 from service.serve_cli import wait_ready
 
 CHROMIUM = "/usr/bin/chromium"
@@ -57,9 +59,9 @@ def capture(base: str, out: Path, example: str | None, prompt: str | None, pin: 
         browser.close()
     with Image.open(raw) as image:
         small = image.convert("RGB").quantize(256)
-    staging = out.with_suffix(".png.tmp")
-    small.save(staging, format="PNG", optimize=True)
-    os.replace(staging, out)
+    png = io.BytesIO()
+    small.save(png, format="PNG", optimize=True)
+    atomic_write_bytes(out, png.getvalue())
     raw.unlink()
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from sae_modules.atomic_file import write_atomic
+from sae_modules.atomic_file import atomic_write_bytes
 
 FORMAT = "vlm-steer-activations/1"
 MANIFEST = "manifest.json"
@@ -206,7 +206,7 @@ class ShardWriter:
         self._buffered -= n
         name = f"shard-{len(self.manifest.shards):05d}.safetensors"
         data = save_safetensors(shard, metadata={"format": FORMAT})
-        write_atomic(self.out_dir / name, data)
+        atomic_write_bytes(self.out_dir / name, data)
         self.manifest.shards.append(ShardEntry(file=name, count=n, sha256=hashlib.sha256(data).hexdigest()))
         self.manifest.count += n
         self._track(shard["image_index"])
@@ -222,4 +222,4 @@ class ShardWriter:
 
     def _write_manifest(self) -> None:
         data = json.dumps(self.manifest.model_dump(mode="json"), indent=1).encode()
-        write_atomic(_manifest_path(self.out_dir), data)
+        atomic_write_bytes(_manifest_path(self.out_dir), data)

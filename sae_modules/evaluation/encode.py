@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from sae_modules.activations.images import ImageSource
 from sae_modules.activations.towers import Tower
-from sae_modules.atomic_file import write_atomic
+from sae_modules.atomic_file import atomic_write_bytes
 from sae_modules.evaluation.embedders import ImageEmbedder
 from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.sources import ACTIVATIONS_KEY, EMBEDDINGS_KEY, SafetensorsBatches
@@ -106,7 +106,7 @@ def encode_images(tower: Tower, layer: int, sae: SAE | None, source: ImageSource
 
     def flush() -> None:
         name = f"activations-{len(files):05d}.safetensors"
-        write_atomic(out / name, save({ACTIVATIONS_KEY: torch.cat(pending).contiguous()}))
+        atomic_write_bytes(out / name, save({ACTIVATIONS_KEY: torch.cat(pending).contiguous()}))
         files.append(name)
         pending.clear()
 
@@ -132,10 +132,10 @@ def encode_images(tower: Tower, layer: int, sae: SAE | None, source: ImageSource
         flush()
     if n_latents is None:
         raise EvaluationError("no images to encode", "images")
-    write_atomic(out / EMBEDDINGS_FILE, save({EMBEDDINGS_KEY: torch.cat(embeddings).contiguous()}))
+    atomic_write_bytes(out / EMBEDDINGS_FILE, save({EMBEDDINGS_KEY: torch.cat(embeddings).contiguous()}))
     root = getattr(source, "root", None)
     info = EncodedImages(ids=list(source.ids), labels=source.labels, root=str(Path(root).resolve()) if root else None,
                          model=tower.name, layer=layer, sae=sae_name, pooling=pooling, embedder=embedder.name,
                          n_latents=n_latents, activation_files=files)
-    write_atomic(out / IMAGES_FILE, info.model_dump_json(indent=1).encode())
+    atomic_write_bytes(out / IMAGES_FILE, info.model_dump_json(indent=1).encode())
     return EncodedDir(out, info)

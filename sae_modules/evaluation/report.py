@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from sae_modules.activations.images import FolderImages
-from sae_modules.atomic_file import write_atomic
+from sae_modules.atomic_file import atomic_write_bytes
 from sae_modules.evaluation.browser.site import LatentCard, write_site
 from sae_modules.evaluation.encode import EncodedDir
 from sae_modules.evaluation.errors import EvaluationError
@@ -108,7 +108,7 @@ def write_report(out: str | Path, encoded: EncodedDir, ev: Evaluation, *, recons
     out.mkdir(parents=True, exist_ok=True)
     info = encoded.info
     ms = ms_report(ev.ms, ev.summary.n_images)
-    write_atomic(out / "ms.json", ms.model_dump_json().encode())
+    atomic_write_bytes(out / "ms.json", ms.model_dump_json().encode())
     files = {"ms": "ms.json", "ms_histogram": "ms_hist.png", "density_histogram": "density_hist.png"}
     histogram(ev.ms, out / files["ms_histogram"], title="Monosemanticity score", xlabel="MS")
     histogram(ev.summary.density, out / files["density_histogram"], title="Latent firing density",
@@ -126,8 +126,8 @@ def write_report(out: str | Path, encoded: EncodedDir, ev: Evaluation, *, recons
         best=ms.best, worst=ms.worst, levels=ev.levels, reconstruction=reconstruction, steering=steering,
         files=files,
     )
-    write_atomic(out / "report.json", report.model_dump_json(indent=1).encode())
-    write_atomic(out / "report.md", markdown(report).encode())
+    atomic_write_bytes(out / "report.json", report.model_dump_json(indent=1).encode())
+    atomic_write_bytes(out / "report.md", markdown(report).encode())
     return report
 
 
