@@ -357,3 +357,19 @@ def test_alert_rules_match_between_plain_prometheus_and_operator() -> None:
     operator = yaml.safe_load((ROOT / "k8s" / "base" / "prometheusrule.yaml").read_text())
     plain = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alert_rules.yaml").read_text())
     assert plain["groups"] == operator["spec"]["groups"]
+
+
+def test_plain_serve_config_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/serve_config.yaml (`serve run`/`serve deploy` outside Kubernetes) is a valid Serve deploy
+    config whose args build the app."""
+    from ray.serve._private.build_app import build_app as serve_build
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.deployments import build_app
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    monkeypatch.delenv("VLM_STEER_CONFIG", raising=False)
+    built = serve_build(build_app(app["args"]), name=app["name"])
+    assert {d.name for d in built.deployments} >= {"Ingress"}
