@@ -218,3 +218,27 @@ def test_serve_steers_with_the_checkpoint_file_and_the_registry_layer(release: P
     assert data["sae"] == "paper"
     change = data["metrics"]["sae"]["latents"][0]
     assert change["latent"] == 3 and change["after"] == pytest.approx(20.0)
+
+
+def test_hub_path_to_one_checkpoint_file(release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`owner/repo/trainer_0/checkpoints/ae_20.pt` fetches that file and its config, not every step: the
+    patterns go through huggingface_hub's own filter over the release's files, then the id loads from
+    a Hub cache laid out as huggingface_hub writes it (offline)."""
+    import huggingface_hub.constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sae_modules.formats.detect import hub_allow_patterns
+
+    files = sorted(p.relative_to(release / "run").as_posix() for p in (release / "run").rglob("*") if p.is_file())
+    fetched = list(filter_repo_objects(files, allow_patterns=hub_allow_patterns("trainer_0/checkpoints/ae_20.pt")))
+    assert sorted(fetched) == ["trainer_0/checkpoints/ae_20.pt", "trainer_0/config.json"]
+
+    commit = "0" * 40
+    repo = tmp_path / "cache" / "models--paper--saes"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(release / "run", repo / "snapshots" / commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    local = load_sae(release / "run" / "trainer_0" / "checkpoints" / "ae_20.pt")
+    assert _same_weights(load_sae("paper/saes/trainer_0/checkpoints/ae_20.pt"), local)

@@ -70,15 +70,26 @@ def detect_format(path: Path) -> Format | None:
     return None if located is None else located[1]
 
 
+def hub_allow_patterns(folder: str) -> list[str] | None:
+    """What to fetch: a sub-folder, or one `.pt` file with the config.json beside it and one level up."""
+    if not folder:
+        return None
+    if folder.endswith(".pt"):
+        parents = [Path(folder).parent, Path(folder).parent.parent]
+        return [folder] + [(parent / dictionary_learning.CONFIG_FILE).as_posix() for parent in parents]
+    return [f"{folder}/*"]
+
+
 def _download(repo_and_folder: str, subfolder: str | None) -> Path:
-    """Fetch only the wanted sub-folder of a Hub repo; `owner/repo/sub/dir` names a sub-folder too."""
+    """Fetch only the wanted part of a Hub repo; `owner/repo/sub/dir` names a sub-folder, and
+    `owner/repo/trainer_0/checkpoints/ae_100000.pt` one dictionary_learning file."""
     parts = repo_and_folder.split("/")
     if not _HUB_ID.match(repo_and_folder):
         raise CheckpointError(f"{repo_and_folder} does not exist (and is not a Hub id like 'owner/repo')")
     repo_id = "/".join(parts[:2])
     folder = "/".join(p for p in ["/".join(parts[2:]), subfolder or ""] if p)
     try:
-        root = snapshot_download(repo_id, allow_patterns=[f"{folder}/*"] if folder else None)
+        root = snapshot_download(repo_id, allow_patterns=hub_allow_patterns(folder))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the caller
         raise CheckpointError(
             f"{repo_and_folder!r} is not a local path, and downloading {repo_id!r} from the Hugging Face Hub "
