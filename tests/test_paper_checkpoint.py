@@ -19,6 +19,8 @@ import yaml
 from typer.testing import CliRunner
 
 from sae_modules import CheckpointError, load_sae
+from sae_modules.activations.images import FolderImages
+from sae_modules.shapes.taxonomy import label_path
 from sae_modules.shapes.world import write_folder
 from service.cli import app
 from service.config import load_settings
@@ -154,20 +156,23 @@ def test_steer_command(release: Path, tiny_llava_dir: Path, tmp_path: Path) -> N
 
 @pytest.fixture(scope="module")
 def eval_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny CLIP tower (width 32), a tiny DINOv2 embedder and 12 shapes images on disk."""
+    """A tiny CLIP tower (width 32), a tiny DINOv2 embedder, 12 shapes images and their taxonomy."""
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     root = tmp_path_factory.mktemp("paper_eval")
-    write_folder(root / "images", 12, seed=0)
+    attrs = write_folder(root / "images", 12, seed=0)
+    lines = ["image,path"] + [f"{i},{'/'.join(label_path(attrs[int(Path(i).stem)]))}"
+                              for i in FolderImages(root / "images").ids]
+    (root / "taxonomy.csv").write_text("\n".join(lines) + "\n")
     fx.clip_vision().save_pretrained(root / "tower")
     torch.manual_seed(0)
     Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                              image_size=32, patch_size=8)).save_pretrained(root / "dino")
     BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "dino")
-    return {"images": root / "images", "tower": root / "tower", "dino": root / "dino"}
+    return {"images": root / "images", "tower": root / "tower", "dino": root / "dino", "csv": root / "taxonomy.csv"}
 
 
-@pytest.mark.parametrize("command", ["ms", "report"])
+@pytest.mark.parametrize("command", ["ms", "report"])  # ms, then taxonomy on its output
 def test_evaluate_commands(release: Path, eval_world: dict[str, Path], tmp_path: Path, command: str) -> None:
     out = tmp_path / ("ms.json" if command == "ms" else "report")
     args = ["evaluate", command, "--out", str(out), "--sae", str(release / CHECKPOINTS["matroyshka spelling"]),
@@ -181,6 +186,13 @@ def test_evaluate_commands(release: Path, eval_world: dict[str, Path], tmp_path:
     assert result.exit_code == 0, result.output
     body = json.loads((out if command == "ms" else out / "report.json").read_text())
     assert body["n_latents"] == N
+    if command == "ms":  # taxonomy reads the Matryoshka levels from the same checkpoint file
+        result = runner.invoke(app, ["evaluate", "taxonomy", "--encoded", str(tmp_path / "ms-encoded"),
+                                     "--out", str(tmp_path / "tax.json"), "--taxonomy", str(eval_world["csv"]),
+                                     "--sae", args[args.index("--sae") + 1], "--ms", str(out), "--top-k", "3"])
+        assert result.exit_code == 0, result.output
+        levels = json.loads((tmp_path / "tax.json").read_text())["levels"]
+        assert [level["n_latents"] for level in levels] == [16, 48]
 
 
 def _serve_config(tmp_path: Path, model: Path, sae: Path, layer: int | None) -> Path:
