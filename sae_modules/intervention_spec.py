@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validat
 
 Mode = Literal["pin", "nudge", "mul"]
 TokenScope = Literal["all", "cls", "patches"]
+Unit = Literal["raw", "max", "mean", "p99"]
 
 
 class InterventionError(ValueError):
@@ -32,6 +33,8 @@ class Intervention(BaseModel):
     latent: NonNegativeInt
     mode: Mode = "pin"
     value: float
+    unit: Unit = Field("raw", description="Scale of `value`: raw activation units, or a multiple of the latent's "
+                       "max, mean-when-firing or p99 activation in the SAE's latent statistics (pin and nudge).")
     tokens: TokenScope | list[NonNegativeInt] = Field("all", description="Token scope, or explicit token indices.")
 
     @field_validator("value")
@@ -50,12 +53,18 @@ class Intervention(BaseModel):
 
     def check_against(self, n_latents: int, n_tokens: int, value_bound: float, where: str = "") -> None:
         """Raise InterventionError if this spec cannot apply to an SAE of n_latents on n_tokens tokens."""
+        if self.unit != "raw":
+            raise InterventionError(f"unit {self.unit!r} must be resolved against the SAE's latent statistics "
+                                    "before the edit", f"{where}unit")
         if self.latent >= n_latents:
             raise InterventionError(f"latent {self.latent} is out of range: the SAE has {n_latents} latents",
                                     f"{where}latent")
         if abs(self.value) > value_bound:
             raise InterventionError(f"|value| {abs(self.value):g} exceeds the bound {value_bound:g}", f"{where}value")
         if isinstance(self.tokens, list):
+            if len(self.tokens) > n_tokens:
+                raise InterventionError(f"{len(self.tokens)} token indices for a tower of {n_tokens} tokens",
+                                        f"{where}tokens")
             bad = [t for t in self.tokens if t >= n_tokens]
             if bad:
                 raise InterventionError(f"token indices {bad[:5]} out of range: the tower has {n_tokens} tokens",

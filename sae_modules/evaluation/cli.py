@@ -23,6 +23,7 @@ from sae_modules.activations.images import FolderImages
 from sae_modules.activations.shards import ShardError
 from sae_modules.activations.towers import load_tower, resolve_device
 from sae_modules.atomic_file import write_atomic
+from sae_modules.evaluation.dictionary import write_dictionary
 from sae_modules.evaluation.embedders import load_embedder
 from sae_modules.evaluation.encode import POOLINGS, EncodedDir, encode_images
 from sae_modules.evaluation.errors import EvaluationError
@@ -217,6 +218,29 @@ def report(
         raise _fail(err) from None
     Console(stderr=True).print(f"report -> {out / 'report.md'}; MS {result.ms_mean} ± {result.ms_std} "
                                f"over {result.n_live} latents")
+
+
+@app.command()
+def stats(
+    sae: Annotated[Path, typer.Option(help="Local SAE checkpoint folder; the files are written into it.")],
+    activations: Annotated[Path, typer.Option(help="Activation shard folder (from `vlm-steer extract`) at the SAE's layer.")],
+    images: Annotated[Path | None, typer.Option(help="The image folder the shards were extracted from (for labels).")] = None,
+    clip: Annotated[str | None, typer.Option(help="CLIP with a text tower for labels: clip:PATH or open_clip:ARCH@WEIGHTS.")] = None,
+    vocabulary: Annotated[str | None, typer.Option(help="Label words: imagenet, shapes or a text file (one per line).")] = None,
+    top_k: Annotated[int, typer.Option(help="Top images kept per latent.")] = 16,
+    max_vectors: Annotated[int | None, typer.Option(help="Cap on activation vectors.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Vectors per SAE encode.")] = 1024,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Latent dictionary: per-latent firing frequency, mean, max, p99 and top images (+ labels with --clip)."""
+    try:
+        result = write_dictionary(sae, activations, images=images, clip=clip, vocabulary=vocabulary, top_k=top_k,
+                                  max_vectors=max_vectors, batch_size=batch_size, device=resolve_device(device))
+    except _ERRORS as err:
+        raise _fail(err) from None
+    labelled = "" if result.labels is None else f", {len(result.labels.labels)} labelled"
+    Console(stderr=True).print(f"{int(result.stats.live.sum())} of {result.stats.n_latents} latents fired over "
+                               f"{result.stats.info.n_vectors} vectors{labelled} -> {', '.join(map(str, result.files))}")
 
 
 AnswerFactory = Callable[[str, str, str], Answer]

@@ -13,12 +13,14 @@ from sae_modules.formats.errors import CheckpointError
 CHECKPOINT_FILES = frozenset(
     {"cfg.json", "sae.safetensors", "sae_weights.safetensors", "sparsity.safetensors", "ae.pt", "config.json"}
 )
+#: The latent dictionary written beside a checkpoint (sae_modules.evaluation.latent_stats); replaced with it.
+DICTIONARY_FILES = frozenset({"latent_stats.json", "latent_stats.safetensors", "latent_labels.json"})
 
 
 def _check_replaceable(target: Path) -> None:
     if not target.is_dir():
         raise CheckpointError(f"refusing to overwrite {target}: it exists and is not a checkpoint directory")
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in CHECKPOINT_FILES)
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in CHECKPOINT_FILES | DICTIONARY_FILES)
     if foreign:
         raise CheckpointError(
             f"refusing to overwrite {target}: it holds files that are not part of a checkpoint "
