@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sae_modules.intervention_spec import Intervention, TokenScope
+from sae_modules.intervention_spec import Intervention, InterventionError, TokenScope
 from sae_modules.saes.base import SAE
 
 #: Above this fraction of firing latents a dense decode is faster than a sparse one.
@@ -84,11 +84,15 @@ def edit_activations(
     pre_zero: bool = False,
     latents: Tensor | None = None,
     fast: bool = True,
+    value_bound: float | None = None,
 ) -> Edit:
     """Apply `interventions` (in order) to one image's activations x [T, d_in]; returns the new output.
 
     `latents` is the full unedited encode of x if the caller already has it (for statistics); without
     it the fast path is taken when allowed (`fast` and `can_use_fast_path`), else a full encode.
+    With `value_bound`, every edited latent value must end finite and within ±bound after all
+    interventions compose (each may be in bounds while `mul` after `pin` is not): else
+    `InterventionError` on `interventions`, naming the ones that touch the latent.
     """
     x = x.float()
     ids = sorted({iv.latent for iv in interventions})
@@ -114,6 +118,8 @@ def edit_activations(
             edited[mask, j] += iv.value
         else:
             edited[mask, j] *= iv.value
+    if value_bound is not None:
+        check_edit_bound(edited, touched, ids, interventions, value_bound)
 
     w_edit = sae.W_dec[index]
     if pre_zero:
@@ -126,6 +132,20 @@ def edit_activations(
     before = [current[touched[:, j], j].mean().item() for j in range(len(ids))]
     after = [edited[touched[:, j], j].mean().item() for j in range(len(ids))]
     return Edit(output=output, latents=ids, before=before, after=after)
+
+
+def check_edit_bound(edited: Tensor, touched: Tensor, ids: list[int], interventions: list[Intervention],
+                     value_bound: float) -> None:
+    """Raise InterventionError if an edited latent value [T, len(ids)] is non-finite or beyond ±value_bound."""
+    bad = touched & ~(edited.isfinite() & (edited.abs() <= value_bound))
+    if not bad.any():
+        return
+    j = int(bad.any(dim=0).nonzero()[0])
+    token = int(bad[:, j].nonzero()[0])
+    culprits = [i for i, iv in enumerate(interventions) if iv.latent == ids[j]]
+    raise InterventionError(
+        f"interventions {culprits} compose to {edited[token, j].item():g} for latent {ids[j]} on token {token}, "
+        f"beyond the bound {value_bound:g}", "interventions")
 
 
 def reconstruction_stats(sae: SAE, x: Tensor, latents: Tensor) -> ReconstructionStats:

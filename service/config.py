@@ -37,6 +37,26 @@ CONFIG_ENV = "VLM_STEER_CONFIG"
 _file_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("vlm_steer_file", default=None)
 
 
+class EngineSettings(BaseModel):
+    """vLLM's async engine (backend `vllm`): the `AsyncEngineArgs` a GPU server is tuned with.
+
+    Unset fields keep vLLM's defaults; `engine_kwargs` passes any other `AsyncEngineArgs` field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    max_model_len: PositiveInt | None = Field(None, description="Context length (prompt + image + answer tokens).")
+    max_num_seqs: PositiveInt | None = Field(None, description="Sequences vLLM decodes at once (continuous batch).")
+    tensor_parallel_size: PositiveInt | None = Field(None, description="GPUs one model is sharded over.")
+    enforce_eager: bool | None = Field(None, description="Skip CUDA graphs (faster start, slower decode).")
+    dtype: str | None = Field(None, description="vLLM's dtype; None: the model's `dtype` below.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Further AsyncEngineArgs fields.")
+
+    def engine_args(self) -> dict[str, Any]:
+        named = self.model_dump(exclude={"engine_kwargs"}, exclude_none=True)
+        return {**self.engine_kwargs, **named}
+
+
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +67,7 @@ class ModelSettings(BaseModel):
     backend: Literal["transformers", "vllm"] = "transformers"
     device: str = "cpu"
     dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16; None keeps the checkpoint's.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine settings.")
 
 
 class SAEEntry(BaseModel):
@@ -66,6 +87,9 @@ class Limits(BaseModel):
     max_image_pixels: PositiveInt = 4096 * 4096
     max_prompt_chars: PositiveInt = 8192
     max_messages: PositiveInt = 32
+    max_content_parts: PositiveInt = Field(16, description="Content parts per chat message.")
+    max_stop_strings: NonNegativeInt = Field(4, description="Stop strings per chat request (OpenAI allows 4).")
+    max_stop_chars: PositiveInt = Field(64, description="Characters per stop string.")
     max_tokens: PositiveInt = 512
     max_interventions: NonNegativeInt = 64
     max_top_k: PositiveInt = 1024
@@ -108,6 +132,9 @@ class BatchSettings(BaseModel):
 
     max_batch_size: PositiveInt = 8
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_concurrent_batches: PositiveInt = Field(
+        1, description="Steering batches a replica runs at once. 1 suits transformers (one generate at a time: a "
+        "request waits behind at most one batch); raise it for vLLM, whose engine batches continuously.")
 
 
 class Autoscaling(BaseModel):
@@ -152,18 +179,14 @@ class ServiceSettings(BaseSettings):
         default_factory=dict, description="SAE registry: id -> checkpoint. Empty: the demo SAE as 'demo'."
     )
     default_sae: str | None = Field(None, description="Used when a request names no SAE; None: the first entry.")
-    layout: Literal["split", "colocated"] = Field(
-        "colocated",
-        description="split: steerer and generator are separate deployments; colocated: one replica runs both "
-        "and image embeddings never leave the device (faster on one machine, see README).",
-    )
     batching: BatchSettings = Field(default_factory=BatchSettings)
     limits: Limits = Field(default_factory=Limits)
     ingress: DeploymentSettings = Field(
         default_factory=lambda: DeploymentSettings(num_cpus=0.5, max_ongoing_requests=512, max_queued_requests=-1)
     )
-    steerer: DeploymentSettings = Field(default_factory=DeploymentSettings)
-    generator: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    steerer: DeploymentSettings = Field(
+        default_factory=DeploymentSettings,
+        description="The model deployment (SteerGenerate): tower, SAE edit, projector and language model.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Bearer tokens accepted; empty turns authentication off. Env: comma-separated or a JSON list.",

@@ -1,19 +1,21 @@
 """Ray Serve deployments and `build_app`, the one application builder every entry point uses.
 
 `vlm-steer serve`, `serve run deploy/serve_config.yaml` (`import_path: service.deployments:build_app`)
-and a KubeRay RayService all call `build_app(args)`. Two layouts, chosen by `layout` in the config:
+and a KubeRay RayService all call `build_app(args)`: a thin `Ingress` (FastAPI: auth, limits, every
+check a request can fail) in front of one `SteerGenerate` deployment (the model) whose replicas hold the engine.
 
-- `colocated` (default): ingress -> `SteerGenerate`, one replica that steers and generates a batch;
-  image embeddings never leave the device.
-- `split`: ingress -> `Steerer` (batched tower + SAE + projector) -> ingress -> `Generator`
-  (batched language model); the two scale and take resources separately.
-
-Replicas hold no request logic: batches go to the plain functions in `service.pipeline`.
+A replica gathers concurrent jobs into batches (`@serve.batch`) and runs each batch through
+`SteeringEngine.steer` in a worker thread. Every job, streamed or not, has its own queue of events
+(text deltas, then its result or error), filled as the engine makes them: a job is answered the
+moment its own last token is made, and a job whose caller went away is cancelled between tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
@@ -25,21 +27,19 @@ from service.api.errors import APIError
 from service.api.routes import create_app
 from service.assets import resolve_checkpoints
 from service.config import ServiceSettings, load_settings
-from service.engine.types import GenerationOutput, GenerationRequest
-from service.pipeline import (
-    EmbedResult,
+from service.engine.types import (
     EncodeJob,
     EncodeResult,
+    JobError,
+    OutputType,
     ServingInfo,
     SteerJob,
     SteerResult,
-    encode_batch,
-    generate_batch,
-    generation_requests,
-    serving_info,
-    steer_batch,
-    steer_generate_batch,
+    StreamEvent,
+    TextDelta,
 )
+
+log = logging.getLogger(__name__)
 
 
 def load_engine(settings: ServiceSettings):
@@ -47,136 +47,165 @@ def load_engine(settings: ServiceSettings):
     from service.engine.engine import SteeringEngine
 
     checkpoints = resolve_checkpoints(settings)
-    layers = {"sae_layers": checkpoints.layers} if checkpoints.layers else {}
-    return SteeringEngine.load(checkpoints.model, checkpoints.saes, checkpoints.default_sae,
-                               backend=settings.model.backend, device=settings.model.device,
-                               dtype=settings.model.dtype, value_bound=settings.limits.value_bound, **layers)
+    model = settings.model
+    return SteeringEngine.load(checkpoints.model, checkpoints.saes, checkpoints.default_sae, backend=model.backend,
+                               device=model.device, dtype=model.dtype, value_bound=settings.limits.value_bound,
+                               sae_layers=checkpoints.layers or None, engine_args=model.engine.engine_args())
 
 
-class _ModelReplica:
-    """What every model-holding replica offers: its serving info, readiness and batched encodes."""
+@dataclass
+class _Ticket:
+    """One job inside a replica: its events queue and whether its caller is gone."""
+
+    job: SteerJob
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def put(self, event: StreamEvent) -> None:
+        """Thread-safe: the engine calls this from its worker thread."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class _TicketListener:
+    """The engine's `JobListener` for one batch of tickets."""
+
+    def __init__(self, tickets: list[_Ticket]) -> None:
+        self.tickets = tickets
+
+    def delta(self, job: int, kind: OutputType, text: str) -> None:
+        if self.tickets[job].stream:
+            self.tickets[job].put(TextDelta(kind, text))
+
+    def done(self, job: int, outcome: SteerResult | JobError) -> None:
+        self.tickets[job].put(outcome)
+
+    def cancelled(self, job: int) -> bool:
+        return self.tickets[job].cancelled
+
+
+@serve.deployment(name="SteerGenerate")
+class SteerGenerate:
+    """A model replica: the engine, batched steering (streamed or not) and batched encodes."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.engine = load_engine(settings)
-        self._info = serving_info(self.engine, settings.model.id)
-        for method in self._batched():
-            method.set_max_batch_size(settings.batching.max_batch_size)
-            method.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
-
-    def _batched(self) -> list[Any]:
-        return [self.encode]
+        self._info = self.engine.info(settings.model.id)
+        batching = settings.batching
+        self._steer_batch = serve.batch(self._run_steer, max_batch_size=batching.max_batch_size,
+                                        batch_wait_timeout_s=batching.batch_wait_timeout_s,
+                                        max_concurrent_batches=batching.max_concurrent_batches)
+        self._encode_batch = serve.batch(self._run_encode, max_batch_size=batching.max_batch_size,
+                                         batch_wait_timeout_s=batching.batch_wait_timeout_s)
+        self._running: set[asyncio.Task] = set()
 
     def info(self) -> ServingInfo:
         return self._info
 
     def ready(self) -> bool:
-        return True
+        return self.engine.healthy()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def encode(self, jobs: list[EncodeJob]) -> list[EncodeResult]:
-        return await asyncio.to_thread(encode_batch, self.engine, jobs)
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy, and Serve replaces it."""
+        if not self.engine.healthy():
+            raise RuntimeError("the text generator's engine is dead")
 
+    async def steer(self, job: SteerJob) -> SteerResult | JobError:
+        """The job's result (or error), as soon as its own answers are complete."""
+        async for event in self._events(job, stream=False):
+            if not isinstance(event, TextDelta):
+                return event
+        raise RuntimeError("a steering job ended without an outcome")
 
-@serve.deployment(name="SteerGenerate")
-class SteerGenerate(_ModelReplica):
-    """Colocated layout: steer and generate each batch in this replica."""
+    async def steer_stream(self, job: SteerJob) -> AsyncIterator[StreamEvent]:
+        """Text deltas as tokens are made, then the result or error (call with `handle.options(stream=True)`)."""
+        async for event in self._events(job, stream=True):
+            yield event
 
-    def _batched(self) -> list[Any]:
-        return [self.encode, self.steer]
+    async def encode(self, job: EncodeJob) -> EncodeResult | JobError:
+        return await self._encode_batch(job)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def steer(self, jobs: list[SteerJob]) -> list[SteerResult]:
-        return await asyncio.to_thread(steer_generate_batch, self.engine, jobs)
+    async def _events(self, job: SteerJob, stream: bool) -> AsyncIterator[StreamEvent]:
+        ticket = _Ticket(job, stream, asyncio.get_running_loop())
+        task = asyncio.ensure_future(self._steer_batch(ticket))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        try:
+            while True:
+                event = await ticket.events.get()
+                yield event
+                if not isinstance(event, TextDelta):
+                    return
+        finally:
+            ticket.cancelled = True  # done, or the caller went away: either way its row may stop
 
+    async def _run_steer(self, tickets: list[_Ticket]) -> list[None]:
+        await asyncio.to_thread(self.engine.steer, [t.job for t in tickets], _TicketListener(tickets))
+        return [None] * len(tickets)
 
-def _to_cpu(results: list[EmbedResult]) -> list[EmbedResult]:
-    for result in results:
-        embeds = result.embeds
-        embeds.steered = None if embeds.steered is None else embeds.steered.cpu()
-        embeds.default = None if embeds.default is None else embeds.default.cpu()
-    return results
-
-
-@serve.deployment(name="Steerer")
-class Steerer(_ModelReplica):
-    """Split layout: batched tower, SAE edit and projector; embeddings go back to the ingress on CPU."""
-
-    def _batched(self) -> list[Any]:
-        return [self.encode, self.steer]
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def steer(self, jobs: list[SteerJob]) -> list[EmbedResult]:
-        return _to_cpu(await asyncio.to_thread(steer_batch, self.engine, jobs))
-
-
-@serve.deployment(name="Generator")
-class Generator(_ModelReplica):
-    """Split layout: batched generation from image embeddings."""
-
-    def _batched(self) -> list[Any]:
-        return [self.encode, self.generate]
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        return await asyncio.to_thread(generate_batch, self.engine, requests)
+    async def _run_encode(self, jobs: list[EncodeJob]) -> list[EncodeResult | JobError]:
+        return await asyncio.to_thread(self.engine.encode, jobs)
 
 
-async def _call(response: Any, retry_after_s: int) -> Any:
-    """Await a handle call, turning Ray's overload and replica failures into 503 JSON errors."""
-    try:
-        return await response
-    except BackPressureError as exc:
-        raise APIError(503, "the server is overloaded; retry later",
-                       headers={"Retry-After": str(retry_after_s)}) from exc
-    except (DeploymentUnavailableError, RayActorError) as exc:
-        raise APIError(503, f"a model replica is unavailable: {type(exc).__name__}",
-                       headers={"Retry-After": str(retry_after_s)}) from exc
+def _unavailable(exc: Exception, retry_after_s: int) -> APIError:
+    """Ray's overload and replica failures as 503 JSON errors."""
+    if isinstance(exc, BackPressureError):
+        return APIError(503, "the server is overloaded; retry later", headers={"Retry-After": str(retry_after_s)})
+    return APIError(503, f"a model replica is unavailable: {type(exc).__name__}",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
+_RAY_FAILURES = (BackPressureError, DeploymentUnavailableError, RayActorError)
 
 
 class HandleBackend:
-    """The routes' `Backend` over Ray handles; `generator` None means the colocated layout."""
+    """The routes' `Backend` over the model deployment's handle."""
 
-    def __init__(self, model: DeploymentHandle, generator: DeploymentHandle | None, retry_after_s: int) -> None:
+    def __init__(self, model: DeploymentHandle, retry_after_s: int) -> None:
         self.model = model
-        self.generator = generator
         self.retry_after_s = retry_after_s
         self._info: ServingInfo | None = None
 
+    async def _call(self, response: Any) -> Any:
+        try:
+            return await response
+        except _RAY_FAILURES as exc:
+            raise _unavailable(exc, self.retry_after_s) from exc
+
     async def info(self) -> ServingInfo:
         if self._info is None:
-            self._info = await _call(self.model.info.remote(), self.retry_after_s)
+            self._info = await self._call(self.model.info.remote())
         return self._info
 
     async def ready(self) -> bool:
-        handles = [self.model] if self.generator is None else [self.model, self.generator]
-        answers = await asyncio.gather(*(_call(h.ready.remote(), self.retry_after_s) for h in handles))
-        return all(answers)
+        return await self._call(self.model.ready.remote())
 
-    async def encode(self, job: EncodeJob) -> EncodeResult:
-        return await _call(self.model.encode.remote(job), self.retry_after_s)
+    async def steer(self, job: SteerJob) -> SteerResult | JobError:
+        return await self._call(self.model.steer.remote(job))
 
-    async def steer(self, job: SteerJob) -> SteerResult:
-        if self.generator is None:
-            return await _call(self.model.steer.remote(job), self.retry_after_s)
-        embedded: EmbedResult = await _call(self.model.steer.remote(job), self.retry_after_s)
-        requests = generation_requests(job, embedded.embeds)
-        outputs = await asyncio.gather(
-            *(_call(self.generator.generate.remote(request), self.retry_after_s) for request in requests.values())
-        )
-        timings = dict(embedded.embeds.timings_s)
-        timings["generate"] = max(output.seconds for output in outputs)
-        return SteerResult(dict(zip(requests, outputs)), embedded.embeds.stats, timings, embedded.slot)
+    async def steer_stream(self, job: SteerJob) -> AsyncIterator[StreamEvent]:
+        events = self.model.options(stream=True).steer_stream.remote(job)
+        try:
+            async for event in events:
+                yield event
+        except _RAY_FAILURES as exc:
+            raise _unavailable(exc, self.retry_after_s) from exc
+        finally:
+            events.cancel()  # a client that left frees its row in the replica
+
+    async def encode(self, job: EncodeJob) -> EncodeResult | JobError:
+        return await self._call(self.model.encode.remote(job))
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    """HTTP entry: FastAPI routes, auth and limits; model work goes to the model deployments."""
+    """HTTP entry: FastAPI routes, auth and limits; model work goes to the model deployment."""
 
-    def __init__(self, settings: ServiceSettings, model: DeploymentHandle,
-                 generator: DeploymentHandle | None = None) -> None:
+    def __init__(self, settings: ServiceSettings, model: DeploymentHandle) -> None:
         self.settings = settings
-        self.backend = HandleBackend(model, generator, settings.limits.retry_after_s)
+        self.backend = HandleBackend(model, settings.limits.retry_after_s)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.settings, self.backend)
@@ -189,9 +218,5 @@ def build_app(args: dict[str, Any] | ServiceSettings) -> serve.Application:
     else:
         values = dict(args)
         settings = load_settings(values.pop("config_file", None), values)
-    if settings.layout == "colocated":
-        model = SteerGenerate.options(**settings.steerer.ray_options()).bind(settings)
-        return Ingress.options(**settings.ingress.ray_options()).bind(settings, model)
-    steerer = Steerer.options(**settings.steerer.ray_options()).bind(settings)
-    generator = Generator.options(**settings.generator.ray_options()).bind(settings)
-    return Ingress.options(**settings.ingress.ray_options()).bind(settings, steerer, generator)
+    model = SteerGenerate.options(**settings.steerer.ray_options()).bind(settings)
+    return Ingress.options(**settings.ingress.ray_options()).bind(settings, model)

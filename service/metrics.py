@@ -1,8 +1,8 @@
 """Prometheus metrics of the steering service, recorded in the ingress replica and served at /metrics.
 
 Every Ray replica is its own process with its own registry, so nothing is recorded inside the
-steerer or generator replicas: they return their stage timings and batch sizes with each result
-and the ingress observes them here. Labels carry only bounded values (endpoint, outcome, stage,
+model replicas: they return their stage timings (named by `Stage`, the engine's one list of
+stages) and batch sizes with each result, and the ingress observes them here. Labels carry only bounded values (endpoint, outcome, stage,
 SAE id): never a latent, a request id or a user.
 """
 
@@ -17,7 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-STAGES = ("decode_image", "tower", "sae", "projector", "generate")
+from service.engine.types import Stage
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -26,7 +26,8 @@ REQUESTS = Counter(
     ["endpoint", "outcome"], registry=REGISTRY,
 )
 STAGE_SECONDS = Histogram(
-    "steer_stage_seconds", "Seconds spent per pipeline stage of one request.", ["stage"], registry=REGISTRY,
+    "steer_stage_seconds", "Seconds spent per stage of one request (stages: service.engine.types.Stage).", ["stage"],
+    registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 BATCH_SIZE = Histogram(
@@ -45,15 +46,19 @@ SAE_L0 = Histogram(
     "steer_sae_l0", "Active SAE latents per token on request images.", registry=REGISTRY,
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
+FIRST_TOKEN = Histogram(
+    "steer_time_to_first_token_seconds", "Seconds from a streamed request's arrival to its first text.",
+    ["endpoint"], registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 SAE_INFO = Gauge(
     "steer_sae_info", "SAEs loaded by the service (value 1).", ["sae", "layer", "n_latents"], registry=REGISTRY,
 )
 
 
-def observe_stages(timings_s: dict[str, float]) -> None:
+def observe_stages(timings_s: dict[Stage, float]) -> None:
     for stage, seconds in timings_s.items():
-        if stage in STAGES:
-            STAGE_SECONDS.labels(stage=stage).observe(seconds)
+        STAGE_SECONDS.labels(stage=Stage(stage).value).observe(seconds)
 
 
 def observe_sae(l0: float | None, fvu: float | None) -> None:

@@ -105,7 +105,7 @@ def test_pinning_the_concept_latent_steers_the_answer(engine, attribute, concept
     calibration images and then judged on 30 other images, none of them showing `concept`.
     """
     probe_images, probe_attrs = zip(*generate(240, seed=4242))
-    per_image = engine.encode(engine.preprocess(list(probe_images)), "demo", tokens="patches").amax(dim=1)
+    per_image = engine.encode_latents(engine.preprocess(list(probe_images)), "demo", tokens="patches").amax(dim=1)
     labels = [getattr(a, attribute) for a in probe_attrs]
     latent, score = most_selective_latent(per_image, labels, concept)
     assert score >= 0.2, (latent, score)

@@ -63,7 +63,7 @@ def test_nothing_edited_error_mode_equals_unpatched_model(engine, pixels):
         assert result.steered.shape == (16, 64)
         assert (result.steered - reference[i]).abs().max() <= 1e-5
         assert (result.default - reference[i]).abs().max() <= 1e-5
-        assert result.stats.embed_cosine == pytest.approx(1.0, abs=1e-6)
+        assert result.embed_cosine == pytest.approx(1.0, abs=1e-6)
 
 
 def test_paper_mode_nothing_edited_equals_reconstruction_by_hand(engine, pixels):
@@ -104,7 +104,7 @@ def test_pin_in_paper_mode_matches_by_hand_and_reports_stats(engine, pixels):
     assert change.latent == 7 and change.after == 12.0
     assert change.before == pytest.approx(f[0, 1:, 7].mean().item(), abs=1e-5)
     cosine = torch.nn.functional.cosine_similarity(result.steered, result.default, dim=-1).mean().item()
-    assert result.stats.embed_cosine == pytest.approx(cosine, abs=1e-6) and cosine < 0.999
+    assert result.embed_cosine == pytest.approx(cosine, abs=1e-6) and cosine < 0.999
 
 
 def test_batch_of_different_edits_equals_each_alone(engine, pixels):
@@ -149,17 +149,17 @@ def test_error_mode_pin_to_current_value_changes_nothing(engine, pixels):
 
 def test_encode_matches_by_hand(engine, pixels):
     hidden = tower_hidden(engine, pixels)
-    latents = engine.encode(pixels, "l1", "patches")
+    latents = engine.encode_latents(pixels, "l1", "patches")
     assert latents.shape == (3, 16, N_LATENTS)
     torch.testing.assert_close(latents, by_hand_encode(engine.sae("l1"), hidden[2][:, 1:]))
-    assert engine.encode(pixels[:1], None, [0, 5]).shape == (1, 2, N_LATENTS)
+    assert engine.encode_latents(pixels[:1], None, [0, 5]).shape == (1, 2, N_LATENTS)
 
 
 @pytest.mark.parametrize("spec,field", [
-    (SteerSpec(interventions=[Intervention(latent=N_LATENTS, value=1.0)]), "interventions[0].latent"),
+    (SteerSpec(interventions=[Intervention(latent=N_LATENTS, value=1.0)]), "interventions.0.latent"),
     (SteerSpec(interventions=[Intervention(latent=0, value=1.0), Intervention(latent=1, value=2e4)]),
-     "interventions[1].value"),
-    (SteerSpec(interventions=[Intervention(latent=0, value=1.0, tokens=[3, 17])]), "interventions[0].tokens"),
+     "interventions.1.value"),
+    (SteerSpec(interventions=[Intervention(latent=0, value=1.0, tokens=[3, 17])]), "interventions.0.tokens"),
     (SteerSpec(want_steered=False, want_default=False), "types"),
 ])
 def test_bad_specs_are_rejected(engine, pixels, spec, field):
@@ -171,9 +171,9 @@ def test_bad_specs_are_rejected(engine, pixels, spec, field):
 def test_unknown_sae_is_rejected(engine, pixels):
     with pytest.raises(UnknownSAEError, match="unknown SAE 'nope'") as info:
         engine.steer_embeds(pixels[:1], [SteerSpec(sae_id="nope")])
-    assert info.value.field == "sae_id"
+    assert info.value.field == "sae"
     with pytest.raises(UnknownSAEError):
-        engine.encode(pixels[:1], "nope")
+        engine.encode_latents(pixels[:1], "nope")
 
 
 @pytest.mark.parametrize("kwargs,field", [
@@ -205,4 +205,4 @@ def test_sae_without_a_layer_needs_one_given(tiny_llava_dir, tmp_path):
         SteeringEngine.load(str(tiny_llava_dir), {"s": path})
     assert info.value.field == "layer"
     engine = SteeringEngine.load(str(tiny_llava_dir), {"s": path}, sae_layers={"s": -2})
-    assert engine.steerer.block_index["s"] == 1
+    assert engine.sae_block("s") == 1

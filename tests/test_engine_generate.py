@@ -9,7 +9,7 @@ from engine_fixtures import make_sae
 from PIL import Image
 
 from sae_modules.formats import save_sae
-from service.engine.engine import SteeringEngine
+from service.engine.engine import SteeringEngine, steer_one
 from service.engine.generators.transformers_backend import TransformersGenerator
 from service.engine.loading import load_llava
 from service.engine.prompts import PromptError
@@ -68,11 +68,11 @@ def test_greedy_equals_llava_generate_with_pixels(llava, generator, pictures):
 def test_engine_error_mode_nothing_edited_gives_llava_tokens(tiny_llava_dir, llava, pictures, tmp_path):
     path = save_sae(make_sae("batchtopk", 1), tmp_path / "sae")
     engine = SteeringEngine.load(str(tiny_llava_dir), {"s": str(path)})
-    result = engine.run(pictures[0], PROMPT, SteerSpec(use_error_term=True, want_default=True),
-                        SamplingParams(max_tokens=5))
+    result = steer_one(engine, pictures[0], PROMPT, SteerSpec(use_error_term=True, want_default=True),
+                       SamplingParams(max_tokens=5))
     expected = llava[1].tokenizer.decode(reference(llava, pictures[0], PROMPT, 5)[0], skip_special_tokens=True)
-    assert result["steered"]["text"] == result["default"]["text"] == expected
-    assert result["stats"]["embed_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert result.output("STEERED").text == result.output("DEFAULT").text == expected
+    assert result.metrics.embed_cosine == pytest.approx(1.0, abs=1e-6)
 
 
 def test_different_max_tokens_in_one_batch(llava, generator, pictures):

@@ -105,7 +105,7 @@ class Load:
 def settings(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ServiceSettings:
     sae_dir = write_tiny_sae(tmp_path_factory.mktemp("fault_sae") / "sae")
     return ServiceSettings(model={"id": "tiny", "path": str(tiny_llava_dir)}, saes={"a": {"path": str(sae_dir)}},
-                           layout="colocated", app_name=APP, limits={"max_tokens": 32},
+                           app_name=APP, limits={"max_tokens": 32},
                            ingress=TWO_REPLICAS, steerer=TWO_REPLICAS)
 
 

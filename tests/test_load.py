@@ -43,7 +43,7 @@ def stats_rows(out: Path) -> dict[str, dict[str, str]]:
 def service(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     sae_dir = write_tiny_sae(tmp_path_factory.mktemp("load_sae") / "sae")
     settings = ServiceSettings(model={"id": "tiny", "path": str(tiny_llava_dir)}, saes={"a": {"path": str(sae_dir)}},
-                               layout="colocated", ingress=REPLICA, steerer=REPLICA)
+                               ingress=REPLICA, steerer=REPLICA)
     with local_serve() as base:
         run_app(settings)
         wait_ready(base, 300)

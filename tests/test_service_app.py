@@ -1,7 +1,7 @@
 """The real service on a local Ray, spoken to over HTTP: two apps share one Ray and one Serve instance.
 
-- `main`: the split layout (steerer and generator deployments), small limits, no API keys.
-- `keyed`: the colocated layout under /keyed with an API key and a one-slot queue (backpressure).
+- `main`: small limits, no API keys, a wide batch window (so concurrent requests share batches).
+- `keyed`: under /keyed with an API key and a one-slot queue (backpressure).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from service.config import ServiceSettings
-from service.engine.types import user_turn
+from service.engine.types import Stage, user_turn
 from service.serve_cli import run_app, wait_ready
 from tests.ray_app import local_serve
 from tests.service_fixtures import N_LATENTS, data_url, encoded, noise_image, write_tiny_sae
@@ -29,9 +29,11 @@ PROMPT = "describe the image ."
 KEY = "test-key-123"
 PIN = {"latent": 20, "mode": "pin", "value": 50.0, "tokens": "all"}
 """An edit that changes the tiny model's greedy answer on noise_image(0) (latent 3, say, does not)."""
+OVERFLOW = [{"latent": 20, "mode": "pin", "value": 1000.0}] + [{"latent": 20, "mode": "mul", "value": 1000.0}] * 3
+"""Each value within the bound 1000, but together they make latent 20 1e12: the edit result is refused."""
 REPLICA = {"num_cpus": 0.25}
 LIMITS = {"max_body_bytes": 300_000, "max_image_bytes": 100_000, "max_image_pixels": 512 * 512,
-          "max_prompt_chars": 200, "max_tokens": 32, "max_interventions": 4, "value_bound": 1000.0,
+          "max_prompt_chars": 600, "max_tokens": 32, "max_interventions": 4, "value_bound": 1000.0,
           "max_top_k": 32, "max_messages": 4}
 
 
@@ -40,10 +42,9 @@ def service(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     sae_dir = write_tiny_sae(tmp_path_factory.mktemp("svc_sae") / "sae")
     common = {"model": {"id": "tiny", "path": str(tiny_llava_dir)}, "saes": {"a": {"path": str(sae_dir)}},
               "limits": LIMITS, "ingress": REPLICA}
-    main = ServiceSettings(**common, layout="split", steerer=REPLICA, generator=REPLICA,
-                           batching={"max_batch_size": 16, "batch_wait_timeout_s": 0.25})
-    keyed = ServiceSettings(**common, layout="colocated", app_name="keyed", route_prefix="/keyed",
-                            api_keys=[KEY], steerer={**REPLICA, "max_ongoing_requests": 1, "max_queued_requests": 1},
+    main = ServiceSettings(**common, steerer=REPLICA, batching={"max_batch_size": 16, "batch_wait_timeout_s": 0.25})
+    keyed = ServiceSettings(**common, app_name="keyed", route_prefix="/keyed", api_keys=[KEY],
+                            steerer={**REPLICA, "max_ongoing_requests": 1, "max_queued_requests": 1},
                             batching={"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
     with local_serve() as base:
         run_app(main)
@@ -167,10 +168,20 @@ def _bad_inputs() -> list[tuple[str, str, dict | bytes, dict, int, str | None, s
         ("too many interventions", "/v1/steer", steer_body(interventions=[{"latent": 1, "value": 1}] * 5), {}, 422,
          "interventions", "limit 4"),
         ("unknown sae", "/v1/steer", steer_body(sae="nope"), {}, 404, "sae", "unknown SAE"),
+        ("encode unknown sae", "/v1/encode", {"image": png, "sae": "nope"}, {}, 404, "sae", "unknown SAE"),
         ("unknown type", "/v1/steer", steer_body(types=["BOTH"]), {}, 422, "types.0", "STEERED"),
         ("missing prompt", "/v1/steer", {k: v for k, v in steer_body().items() if k != "prompt"}, {}, 422, "prompt",
          "Field required"),
-        ("prompt too long", "/v1/steer", steer_body(prompt="a " * 150), {}, 422, "prompt", "characters"),
+        ("prompt too long", "/v1/steer", steer_body(prompt="a " * 301), {}, 422, "prompt", "characters"),
+        ("prompt past the context", "/v1/steer", steer_body(prompt="a " * 250), {}, 422, "max_tokens",
+         "context of 256 tokens"),
+        ("image token in prompt", "/v1/steer", steer_body(prompt="what is <image> ?"), {}, 422, "prompt",
+         "image placeholder"),
+        ("edits compose past the bound", "/v1/steer", steer_body(interventions=OVERFLOW), {}, 422, "interventions",
+         "beyond the bound 1000"),
+        ("too many token indices", "/v1/steer", steer_body(interventions=[{"latent": 1, "value": 1,
+                                                                            "tokens": [0] * 18}]), {}, 422,
+         "interventions.0.tokens", "18 token indices"),
         ("max_tokens over limit", "/v1/steer", steer_body(max_tokens=33), {}, 422, "max_tokens", "limit 32"),
         ("unknown field", "/v1/steer", steer_body(colour="red"), {}, 422, "colour", "Extra inputs"),
         ("temperature out of range", "/v1/steer", steer_body(temperature=5), {}, 422, "temperature", "less than"),
@@ -189,8 +200,25 @@ def _bad_inputs() -> list[tuple[str, str, dict | bytes, dict, int, str | None, s
         ("chat without image", "/v1/chat/completions", {"messages": msg}, {}, 400, "messages", "exactly one image"),
         ("chat unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": one_image}, {}, 404, "model",
          "unknown model"),
-        ("chat streaming", "/v1/chat/completions", {"messages": one_image, "stream": True}, {}, 422, "stream",
-         "False"),
+        ("chat image token in system text", "/v1/chat/completions",
+         {"messages": [{"role": "system", "content": "you see <image>"}, *one_image]}, {}, 422,
+         "messages.0.content", "image placeholder"),
+        ("chat image token in a text part", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": [*one_image[0]["content"], {"type": "text", "text": "<image>"}]}]},
+         {}, 422, "messages.0.content.2.text", "image placeholder"),
+        ("chat too many content parts", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": [*one_image[0]["content"]] + [{"type": "text", "text": ""}] * 15}]},
+         {}, 422, "messages.0.content", "limit 16"),
+        ("chat too many stop strings", "/v1/chat/completions", {"messages": one_image, "stop": list("abcde")}, {},
+         422, "stop", "limit 4"),
+        ("chat stop string too long", "/v1/chat/completions", {"messages": one_image, "stop": ["x" * 65]}, {}, 422,
+         "stop.0", "1 to 64 characters"),
+        ("chat edits compose past the bound", "/v1/chat/completions",
+         {"messages": one_image, "steering": {"interventions": OVERFLOW}}, {}, 422, "steering.interventions",
+         "beyond the bound"),
+        ("chat context", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": [one_image[0]["content"][0], {"type": "text", "text": "a " * 240}]}],
+          "max_completion_tokens": 20}, {}, 422, "max_completion_tokens", "context of 256"),
         ("chat unknown steering sae", "/v1/chat/completions", {"messages": one_image, "steering": {"sae": "x"}}, {},
          404, "steering.sae", "unknown SAE"),
         ("chat steering latent", "/v1/chat/completions",
@@ -273,17 +301,17 @@ def test_registry_endpoints(client) -> None:
     assert client.get("/docs").status_code == 200
 
 
-def test_api_keys_and_colocated_layout_and_backpressure(client, service) -> None:
+def test_api_keys_and_backpressure(client, service) -> None:
     keyed = f"{service}/keyed"
     assert httpx.get(f"{keyed}/healthz").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         response = httpx.post(f"{keyed}/v1/steer", json=steer_body(), headers=headers)
         assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
     auth = {"Authorization": f"Bearer {KEY}"}
-    colocated = httpx.post(f"{keyed}/v1/steer", json=steer_body(), headers=auth, timeout=120)
-    assert colocated.status_code == 200, colocated.text
-    split = client.post("/v1/steer", json=steer_body()).json()
-    assert [o["text"] for o in colocated.json()["outputs"]] == [o["text"] for o in split["outputs"]]
+    unbatched = httpx.post(f"{keyed}/v1/steer", json=steer_body(), headers=auth, timeout=120)
+    assert unbatched.status_code == 200, unbatched.text
+    batched = client.post("/v1/steer", json=steer_body()).json()
+    assert [o["text"] for o in unbatched.json()["outputs"]] == [o["text"] for o in batched["outputs"]]
 
     body = steer_body(max_tokens=32, types=["STEERED"])
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -332,3 +360,34 @@ def test_python_client(client, service) -> None:
     with SteerClient(f"{service}/keyed", api_key="wrong") as wrong, pytest.raises(ServiceError) as caught:
         wrong.saes()
     assert caught.value.status == 401
+
+
+def test_bad_requests_in_a_batch_fail_alone(client) -> None:
+    """Good requests and requests that only the replica can refuse (edits composing past the bound) sent together
+    into one batch window: each bad one gets its own 422, every good one its 200 with the answer it gets alone."""
+    good = [steer_body(image=data_url(noise_image(i)), types=["STEERED"]) for i in range(6)]
+    expected = [client.post("/v1/steer", json=body).json()["outputs"][0]["text"] for body in good]
+    bad = [steer_body(image=data_url(noise_image(10 + i)), interventions=OVERFLOW) for i in range(3)]
+    before = client.get("/metrics").text
+    bodies = [good[0], bad[0], good[1], good[2], bad[1], good[3], good[4], bad[2], good[5]]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: httpx.post(f"{client.base_url}/v1/steer", json=body, timeout=120),
+                                  bodies))
+    answers = [r.json()["outputs"][0]["text"] for r, body in zip(responses, bodies) if body in good]
+    assert [r.status_code for r, body in zip(responses, bodies) if body in good] == [200] * 6
+    assert answers == expected
+    for response in (r for r, body in zip(responses, bodies) if body in bad):
+        assert response.status_code == 422 and response.json()["error"]["param"] == "interventions"
+    after = client.get("/metrics").text
+    images = metric(after, "steer_batch_size_sum") - metric(before, "steer_batch_size_sum")
+    batches = metric(after, "steer_batch_size_count") - metric(before, "steer_batch_size_count")
+    assert batches < 6 and images > 6, "the good and the bad requests did not share a batch"
+    assert client.get("/readyz").status_code == 200
+
+
+def test_metrics_show_every_timed_stage(client) -> None:
+    assert client.post("/v1/steer", json=steer_body()).status_code == 200
+    assert client.post("/v1/encode", json={"image": data_url(noise_image(0))}).status_code == 200
+    text = client.get("/metrics").text
+    missing = [stage.value for stage in Stage if metric(text, "steer_stage_seconds_count", stage=stage.value) == 0]
+    assert not missing, f"stages timed but not exported: {missing}"

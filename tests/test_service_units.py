@@ -1,4 +1,4 @@
-"""Service parts that need no Ray: settings, image decoding limits, the batch functions, route guards."""
+"""Service parts that need no Ray: settings, image decoding limits, route guards."""
 
 from __future__ import annotations
 
@@ -12,23 +12,13 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from sae_modules.intervention_spec import Intervention
 from service.api.errors import APIError
 from service.api.guard import RateLimiter
 from service.api.images import load_image
 from service.api.routes import create_app
-from service.api.schemas import SAEInfo
 from service.config import ConfigError, Limits, ServiceSettings, load_settings
 from service.engine.engine import SteeringEngine
-from service.engine.types import SamplingParams, SteerSpec, user_turn
-from service.pipeline import (
-    EncodeJob,
-    ServingInfo,
-    SteerJob,
-    encode_batch,
-    stage_timings,
-    steer_generate_batch,
-)
+from service.engine.types import EncodeJob, SAEInfo, ServingInfo
 from tests.service_fixtures import data_url, encoded, noise_image, write_tiny_sae
 
 PROMPT = "describe the image ."
@@ -38,7 +28,8 @@ PROMPT = "describe the image ."
 
 def test_settings_env_overrides_file_and_builder_args(tmp_path, monkeypatch) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text("limits: {max_tokens: 99, max_prompt_chars: 5}\nlayout: split\nsaes: {a: {path: /ckpt}}\n")
+    path.write_text("limits: {max_tokens: 99, max_prompt_chars: 5}\nsaes: {a: {path: /ckpt}}\n"
+                    "model: {engine: {max_num_seqs: 8, engine_kwargs: {max_num_seqs: 2, swap_space: 1}}}\n")
     monkeypatch.setenv("VLM_STEER_LIMITS__MAX_TOKENS", "7")
     monkeypatch.setenv("VLM_STEER_API_KEYS", "k1, k2")
     settings = load_settings(path, {"batching": {"max_batch_size": 3}, "limits": {"max_interventions": 2}})
@@ -46,7 +37,7 @@ def test_settings_env_overrides_file_and_builder_args(tmp_path, monkeypatch) -> 
     assert settings.limits.max_prompt_chars == 5
     assert settings.limits.max_interventions == 2
     assert settings.batching.max_batch_size == 3
-    assert settings.layout == "split"
+    assert settings.model.engine.engine_args() == {"max_num_seqs": 8, "swap_space": 1}
     assert settings.saes["a"].path == "/ckpt"
     assert [key.get_secret_value() for key in settings.api_keys] == ["k1", "k2"]
     assert "k1" not in repr(settings)
@@ -70,7 +61,9 @@ def test_settings_reject_bad_files_and_fields(tmp_path) -> None:
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(bad)
     with pytest.raises(ValueError, match="layout"):
-        load_settings(None, {"layout": "sideways"})
+        load_settings(None, {"layout": "split"})
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        load_settings(None, {"model": {"engine": {"gpu_memory_utilization": 1.5}}})
 
 
 def test_deployment_options_from_settings() -> None:
@@ -125,7 +118,7 @@ def test_images_refused_with_the_right_status() -> None:
         assert message in got_message
 
 
-# --- batch functions on a real engine ------------------------------------------------------------------------
+# --- encode on a real engine ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def engine(tiny_llava_dir, tmp_path_factory) -> SteeringEngine:
@@ -133,47 +126,25 @@ def engine(tiny_llava_dir, tmp_path_factory) -> SteeringEngine:
     return SteeringEngine.load(str(tiny_llava_dir), {"a": str(sae_dir)})
 
 
-def test_steer_generate_batch_matches_unbatched_runs(engine) -> None:
-    params = SamplingParams(max_tokens=6)
-    specs = [SteerSpec(interventions=[Intervention(latent=3, value=40.0)], sae_id="a", want_default=True),
-             SteerSpec(sae_id="a", want_steered=False, want_default=True),
-             SteerSpec(interventions=[Intervention(latent=5, mode="mul", value=0.0)], sae_id="a")]
-    jobs = [SteerJob(noise_image(i), user_turn(PROMPT), spec, params) for i, spec in enumerate(specs)]
-    results = steer_generate_batch(engine, jobs)
-    assert [(r.slot.size, r.slot.index) for r in results] == [(3, 0), (3, 1), (3, 2)]
-    for i, (job, result) in enumerate(zip(jobs, results)):
-        alone = engine.run(noise_image(i), PROMPT, job.spec, params)
-        expected = {kind.upper(): alone[kind]["text"] for kind in ("steered", "default") if kind in alone}
-        assert {kind: out.text for kind, out in result.outputs.items()} == expected
-        edited = [iv.latent for iv in job.spec.interventions] if job.spec.want_steered else []
-        assert [change.latent for change in result.stats.latents] == edited
-        assert result.stats.l0 == pytest.approx(alone["stats"]["l0"])
-        assert {"preprocess", "tower", "sae", "generate"} <= set(result.timings_s)
-
-
-def test_encode_batch_against_dense_computation(engine) -> None:
+def test_encode_against_dense_computation(engine) -> None:
     jobs = [EncodeJob(noise_image(0), "a", "all", "mean", 5), EncodeJob(noise_image(1), "a", "patches", "max", 3)]
-    results = encode_batch(engine, jobs)
+    results = engine.encode(jobs)
     sae = engine.sae("a")
     for job, result in zip(jobs, results):
         pixels = engine.preprocess([job.image])
         with torch.no_grad():
-            latents = engine.encode(pixels, "a", job.tokens)[0]
-            hidden = engine.steerer.block_output(pixels, engine.steerer.block_index["a"])[0]
+            latents = engine.encode_latents(pixels, "a", job.tokens)[0]
+            hidden = engine.block_output(pixels, engine.sae_block("a"))[0]
             x = hidden[1:] if job.tokens == "patches" else hidden
             recon = sae.decode(sae.encode(x.float()))
         pooled = latents.mean(0) if job.reduce == "mean" else latents.amax(0)
         values, indices = pooled.topk(job.top_k)
-        assert [k for k, _ in result.latents] == indices.tolist()
-        assert [v for _, v in result.latents] == pytest.approx(values.tolist(), rel=1e-5)
+        assert [v.latent for v in result.latents] == indices.tolist()
+        assert [v.value for v in result.latents] == pytest.approx(values.tolist(), rel=1e-5)
         assert result.l0 == pytest.approx((latents > 0).sum(-1).float().mean().item())
         fvu = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
         assert result.fvu == pytest.approx(fvu.item(), rel=1e-4)
-    assert encode_batch(engine, [EncodeJob(noise_image(0), "a", "cls", "mean", 2)])[0].fvu is None
-
-
-def test_stage_timings_use_service_stage_names() -> None:
-    assert stage_timings({"vision_s": 0.5, "edit_s": 0.2}) == pytest.approx({"sae": 0.2, "tower": 0.3})
+    assert engine.encode([EncodeJob(noise_image(0), "a", "cls", "mean", 2)])[0].fvu is None
 
 
 # --- routes and guard without Ray -----------------------------------------------------------------------------
@@ -195,20 +166,28 @@ class _StalledBackend:
     async def steer(self, job):
         await asyncio.Event().wait()
 
+    async def steer_stream(self, job):
+        await asyncio.Event().wait()
+        yield None
+
     async def encode(self, job):
         await asyncio.Event().wait()
 
 
-INFO = ServingInfo("tiny", 0, 17, "a", [SAEInfo(id="a", layer=1, n_latents=64, architecture="batchtopk", d_in=32,
-                                                 default=True)])
+def serving_info(checkpoint: Path) -> ServingInfo:
+    return ServingInfo(model_id="tiny", checkpoint=str(checkpoint), created=0, n_tokens=17, image_tokens=16,
+                       context_tokens=256, default_sae="a",
+                       saes=[SAEInfo(id="a", layer=1, n_latents=64, architecture="batchtopk", d_in=32, default=True)])
 
 
-def test_timeout_loading_and_rate_limit_answer_json() -> None:
-    settings = ServiceSettings(limits={"request_timeout_s": 0.2, "rate_limit_per_minute": 3})
+def test_timeout_loading_and_rate_limit_answer_json(tiny_llava_dir) -> None:
+    settings = ServiceSettings(limits={"request_timeout_s": 0.2, "rate_limit_per_minute": 4})
     body = {"prompt": PROMPT, "image": data_url(noise_image(0))}
-    with TestClient(create_app(settings, _StalledBackend(INFO))) as client:
+    with TestClient(create_app(settings, _StalledBackend(serving_info(tiny_llava_dir)))) as client:
         response = client.post("/v1/steer", json=body)
         assert response.status_code == 504 and response.json()["error"]["type"] == "timeout_error"
+        stream = client.post("/v1/steer", json={**body, "stream": True})
+        assert stream.status_code == 504 and stream.json()["error"]["type"] == "timeout_error"
         statuses = [client.post("/v1/encode", json={"image": body["image"]}).status_code for _ in range(3)]
         assert statuses == [504, 504, 429]
     with TestClient(create_app(ServiceSettings(), _StalledBackend(None))) as client:
@@ -240,7 +219,5 @@ def test_serve_config_builds_the_app() -> None:
     ingress = app._bound_deployment
     assert ingress.name == "Ingress"
     model = ingress.init_args[1]._bound_deployment
-    assert model.name == "SteerGenerate"
+    assert model.name == "SteerGenerate" and len(ingress.init_args) == 2
     assert model._deployment_config.autoscaling_config.max_replicas == 4
-    split = deployments.build_app({**application["args"], "layout": "split"})._bound_deployment
-    assert [arg._bound_deployment.name for arg in split.init_args[1:]] == ["Steerer", "Generator"]

@@ -1,6 +1,6 @@
 """The /ui playground driven in headless Chromium against the real service on a local Ray.
 
-One keyed app (API key on, colocated layout, under a route prefix) serves every test here: the key gate, a full steering
+One keyed app (API key on, under a route prefix) serves every test here: the key gate, a full steering
 round trip whose shown request, curl and Python snippets are checked against the real API, and
 an API error shown in the API's own words. The page's screenshot lands in test-artifacts/ui.png.
 """
@@ -82,7 +82,6 @@ def app(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     settings = ServiceSettings(
         model={"id": "tiny", "path": str(tiny_llava_dir)},
         saes={"a": {"path": str(write_tiny_sae(tmp / "sae"))}},
-        layout="colocated",
         api_keys=[KEY],
         limits=LIMITS,
         ingress=REPLICA,
@@ -191,6 +190,7 @@ def test_steer_round_trip_shows_both_answers_metrics_and_the_request_sent(app, p
     sent = _run(page)
 
     shown = json.loads(page.text_content("#request-code"))
+    assert sent.pop("stream") is True, "the page streams its answers"
     assert shown == sent
     assert sent["interventions"] == [{"latent": latent, "mode": "pin", "value": 60, "tokens": "all"}]
     assert sent["use_error_term"] is True and sent["types"] == ["STEERED", "DEFAULT"] and sent["sae"] == "a"
@@ -250,6 +250,7 @@ def test_an_uploaded_image_is_sent_as_is_and_an_api_error_is_shown_as_the_api_wo
     page.click("#add-intervention")
     page.fill("#interventions .latent", str(N_LATENTS + 935))
     sent = _run(page)
+    del sent["stream"]
     assert sent["image"] == "data:image/png;base64," + base64.b64encode(upload.read_bytes()).decode()
     refused = httpx.post(
         f"{base}/v1/steer", json=sent, headers={"Authorization": f"Bearer {KEY}"}, timeout=60

@@ -1,8 +1,9 @@
 """The HTTP API's request and response models; FastAPI turns them into /openapi.json and /docs.
 
 Interventions reuse `sae_modules.intervention_spec.Intervention`, so the CLI, the engine and the
-API accept exactly the same edits. Limits that depend on configuration (prompt length,
-max_tokens, number of interventions) are checked by the routes, which know the settings.
+API accept exactly the same edits, and responses are built from the engine's own result types
+(`service.engine.types`), so the API reports exactly what the engine computed. Limits that depend
+on configuration (prompt length, max_tokens, list sizes) are checked by the routes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from sae_modules.intervention_spec import Intervention
-from service.engine.types import LatentChange, OutputType
+from service.engine.types import (
+    FinishReason,
+    LatentValue,
+    OutputType,
+    SAEInfo,
+    SteerMetrics,
+    SteerOutput,
+    Usage,
+)
 
 _IMAGE_DOC = "A data URL (data:image/png;base64,...) or bare base64 of a PNG, JPEG, WebP, GIF or BMP image."
 
@@ -22,7 +31,7 @@ class _Request(BaseModel):
 
 
 class SamplingFields(_Request):
-    max_tokens: PositiveInt | None = Field(None, description="Tokens to generate; default 64, capped by config.")
+    max_tokens: PositiveInt | None = Field(None, description="Tokens to generate; default 64 (or the configured limit if lower).")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
@@ -43,6 +52,8 @@ class SteerRequest(SamplingFields):
         False, description="Keep the SAE's reconstruction error (edit = identity when nothing is clamped)."
     )
     pre_zero: bool = Field(False, description="Zero every latent before applying the interventions.")
+    stream: bool = Field(False, description="Server-sent events: text per output type as it is made, then the "
+                                            "full response.")
 
     @field_validator("types")
     @classmethod
@@ -50,31 +61,6 @@ class SteerRequest(SamplingFields):
         if len(set(types)) != len(types):
             raise ValueError("types must not repeat")
         return types
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class SteerOutput(BaseModel):
-    type: OutputType
-    text: str
-    finish_reason: Literal["stop", "length"]
-    usage: Usage
-
-
-class SAEMetrics(BaseModel):
-    l0: float | None = Field(description="Mean active latents per token of the unedited encode.")
-    fvu: float | None = Field(description="Fraction of variance unexplained by the unedited reconstruction.")
-    latents: list[LatentChange] = Field(default_factory=list, description="Each edited latent, before and after.")
-
-
-class SteerMetrics(BaseModel):
-    timings_s: dict[str, float] = Field(description="Seconds per stage: decode_image, tower, sae, projector, generate.")
-    sae: SAEMetrics
-    embed_cosine: float | None = Field(None, description="Mean cosine of steered vs unsteered image embeddings.")
 
 
 class SteerResponse(BaseModel):
@@ -87,6 +73,13 @@ class SteerResponse(BaseModel):
     metrics: SteerMetrics
 
 
+class SteerDelta(BaseModel):
+    """A streamed /v1/steer event (`event: delta`): new text of one output type."""
+
+    type: OutputType
+    text: str
+
+
 class EncodeRequest(_Request):
     """Which SAE latents fire on an image."""
 
@@ -95,11 +88,6 @@ class EncodeRequest(_Request):
     top_k: PositiveInt = Field(16, description="How many of the strongest latents to return.")
     tokens: Literal["all", "cls", "patches"] = "all"
     reduce: Literal["mean", "max"] = Field("mean", description="How a latent's per-token values become one.")
-
-
-class LatentValue(BaseModel):
-    latent: int
-    value: float
 
 
 class EncodeResponse(BaseModel):
@@ -112,16 +100,6 @@ class EncodeResponse(BaseModel):
     fvu: float | None = Field(
         description="Fraction of variance unexplained over the selected tokens; null for a single token."
     )
-
-
-class SAEInfo(BaseModel):
-    id: str
-    object: Literal["sae"] = "sae"
-    layer: int
-    n_latents: int
-    architecture: str
-    d_in: int
-    default: bool
 
 
 class SAEList(BaseModel):
@@ -173,6 +151,10 @@ class ChatMessage(_Request):
     content: str | list[ContentPart]
 
 
+class StreamOptions(_Request):
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` and no choices.")
+
+
 class ChatCompletionRequest(SamplingFields):
     """OpenAI chat completions, one image per conversation, plus optional `steering`."""
 
@@ -181,9 +163,11 @@ class ChatCompletionRequest(SamplingFields):
     model: str | None = Field(None, description="Model id from /v1/models; the served model when absent.")
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PositiveInt | None = Field(None, description="Alias of max_tokens (newer OpenAI name).")
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="Strings that end the answer (count and length capped "
+                                                           "by config).")
     n: Literal[1] = 1
-    stream: Literal[False] = Field(False, description="Streaming is not supported.")
+    stream: bool = Field(False, description="Server-sent events in OpenAI's chat.completion.chunk format.")
+    stream_options: StreamOptions | None = None
     steering: Steering | None = None
 
 
@@ -195,7 +179,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -205,6 +189,30 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    steering_metrics: SteerMetrics | None = None
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed chat event. The last chunk with a choice carries `finish_reason` and, when the request
+    asked for steering, `steering_metrics`; with `stream_options.include_usage` a final chunk carries `usage`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
     steering_metrics: SteerMetrics | None = None
 
 

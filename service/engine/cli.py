@@ -13,7 +13,7 @@ from rich.table import Table
 
 from sae_modules.intervention_spec import Intervention
 from service.engine.loading import EngineLoadError
-from service.engine.types import SamplingParams, SteerSpec
+from service.engine.types import SamplingParams, SteerResult, SteerSpec
 
 
 def parse_edits(mode: str, items: list[str], tokens: str) -> list[Intervention]:
@@ -52,18 +52,18 @@ def _default_path(given: str | None, attribute: str, option: str) -> str:
     return str(path)
 
 
-def _stats_table(result: dict) -> Table:
-    stats = result["stats"]
+def _stats_table(result: SteerResult) -> Table:
+    metrics = result.metrics
     table = Table(title="Statistics")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for name, value in (("L0 (unedited)", stats["l0"]), ("FVU (unedited)", stats["fvu"]),
-                        ("embedding cosine", stats["embed_cosine"])):
+    for name, value in (("L0 (unedited)", metrics.sae.l0), ("FVU (unedited)", metrics.sae.fvu),
+                        ("embedding cosine", metrics.embed_cosine)):
         table.add_row(name, "-" if value is None else f"{value:.4f}")
-    for change in stats["latents"]:
-        table.add_row(f"latent {change['latent']} before → after", f"{change['before']:.3f} → {change['after']:.3f}")
-    for name, seconds in result["timings_s"].items():
-        table.add_row(name, f"{seconds:.3f}")
+    for change in metrics.sae.latents:
+        table.add_row(f"latent {change.latent} before → after", f"{change.before:.3f} → {change.after:.3f}")
+    for stage, seconds in metrics.timings_s.items():
+        table.add_row(f"{stage} s", f"{seconds:.3f}")
     return table
 
 
@@ -88,7 +88,7 @@ def steer(
     layer: Annotated[int | None, typer.Option(help="The SAE's block, when its checkpoint does not record it.")] = None,
 ) -> None:
     """Print the steered and the unsteered answers side by side, then the statistics."""
-    from service.engine.engine import SteeringEngine
+    from service.engine.engine import JobFailed, SteeringEngine, steer_one
 
     edits = [edit for mode, items in (("pin", pin), ("nudge", nudge), ("mul", mul))
              for edit in parse_edits(mode, items or [], tokens)]
@@ -100,15 +100,15 @@ def steer(
         engine = SteeringEngine.load(model, {"sae": sae}, backend=backend, device=device, dtype=dtype,
                                      sae_layers=None if layer is None else {"sae": layer})
         spec = SteerSpec(interventions=edits, use_error_term=error_term, pre_zero=pre_zero, want_default=True)
-        result = engine.run(picture, prompt, spec, SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                                                  seed=seed))
-    except (UnidentifiedImageError, EngineLoadError, ValueError) as err:  # InterventionError, SAEMismatchError, ...
+        result = steer_one(engine, picture, prompt, spec, SamplingParams(max_tokens=max_tokens,
+                                                                         temperature=temperature, seed=seed))
+    except (UnidentifiedImageError, EngineLoadError, JobFailed, ValueError) as err:  # SAEMismatchError, ...
         where = getattr(err, "field", None)
         console.print(f"[red]error:[/red] {where + ': ' if where else ''}{err}")
         raise typer.Exit(1) from None
     answers = Table(title=f"{prompt}")
     answers.add_column("steered")
     answers.add_column("unsteered")
-    answers.add_row(result["steered"]["text"], result["default"]["text"])
+    answers.add_row(result.output("STEERED").text, result.output("DEFAULT").text)
     console.print(answers)
     console.print(_stats_table(result))

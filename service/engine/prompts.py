@@ -26,3 +26,11 @@ def find_stop(text: str, stops: list[str]) -> int | None:
     """Index where the earliest stop string starts in `text`, or None."""
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(found) if found else None
+
+
+def shown_prefix(text: str, stops: list[str]) -> str:
+    """The part of a growing answer safe to stream now: up to its last whitespace (a token may still
+    change how the last word decodes) and short of anything that could become the start of a stop string."""
+    hold = max((len(stop) - 1 for stop in stops), default=0)
+    safe = text[: len(text) - hold] if hold else text
+    return safe[: max(safe.rfind(" "), safe.rfind("\n")) + 1]

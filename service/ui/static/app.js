@@ -16,6 +16,10 @@ function headers() {
 }
 
 // Errors read exactly as the API words them: "<status> <type>: <message> (param <field>)".
+function apiError(status, err) {
+  return new Error(`${status} ${err.type}: ${err.message}` + (err.param ? ` (param ${err.param})` : ""));
+}
+
 async function api(method, path, body) {
   const resp = await fetch(new URL(path, API_BASE), {
     method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body),
@@ -23,10 +27,42 @@ async function api(method, path, body) {
   let data = null;
   try { data = await resp.json(); } catch (_) { data = null; }
   if (!resp.ok) {
-    const err = data && data.error ? data.error : { type: "http_error", message: resp.statusText || "no JSON body" };
-    throw new Error(`${resp.status} ${err.type}: ${err.message}` + (err.param ? ` (param ${err.param})` : ""));
+    throw apiError(resp.status, data && data.error ? data.error : { type: "http_error", message: resp.statusText || "no JSON body" });
   }
   return data;
+}
+
+// POST /v1/steer with "stream": true: onDelta({type, text}) per server-sent delta, then the result event's body.
+async function steerStreamed(req, onDelta) {
+  const resp = await fetch(new URL("v1/steer", API_BASE), {
+    method: "POST", headers: headers(), body: JSON.stringify({ ...req, stream: true }),
+  });
+  if (!resp.ok) {
+    let data = null;
+    try { data = await resp.json(); } catch (_) { data = null; }
+    throw apiError(resp.status, data && data.error ? data.error : { type: "http_error", message: resp.statusText || "no JSON body" });
+  }
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    for (let cut = buffer.indexOf("\n\n"); cut >= 0; cut = buffer.indexOf("\n\n")) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      const payload = JSON.parse(data);
+      if (event === "delta") onDelta(payload);
+      else if (event === "error") throw apiError(resp.status, payload.error);
+      else if (event === "result") return payload;
+    }
+  }
+  throw new Error("the answer stream ended without a result");
 }
 
 const fmt = (x, digits) => (x === null || x === undefined ? "n/a" : Number(x).toFixed(digits));
@@ -233,12 +269,16 @@ async function run() {
   const req = buildRequest();
   state.lastRequest = req;
   renderRequest();
-  $("#out-steered").textContent = "…";
-  $("#out-default").textContent = "…";
+  const outputs = { STEERED: $("#out-steered"), DEFAULT: $("#out-default") };
+  for (const pre of Object.values(outputs)) { pre.textContent = "…"; pre.dataset.streamed = ""; }
   $("#metrics").replaceChildren();
   $("#run").disabled = true;
   try {
-    renderResults(await api("POST", "v1/steer", req));
+    renderResults(await steerStreamed(req, ({ type, text }) => {
+      const pre = outputs[type];
+      pre.dataset.streamed += text;
+      pre.textContent = pre.dataset.streamed;  // the answer grows as its tokens are made
+    }));
   } catch (e) {
     $("#out-steered").textContent = "—";
     $("#out-default").textContent = "—";
