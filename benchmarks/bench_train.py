@@ -1,36 +1,51 @@
-"""SAE training throughput and held-out FVU: our TopK family against a plain reference step and
-EleutherAI sparsify's `SparseCoder`, on the same batches in the same process.
+"""SAE training: our TopK / BatchTopK / Matryoshka steps against EleutherAI sparsify's TopK step and
+a dense reference of our update, on the same batches, in one process, on four data distributions.
 
-Data is synthetic with planted sparse structure (x = sparse codes over a random unit dictionary
-plus noise), so FVU falls within a few steps. Every model starts from the same weights (W_enc =
-W_dec^T, unit decoder rows, b_dec = mean of the first batch) and is stepped the way its trainer
-steps it: Adam, AuxK over latents unfired for `dead_window` samples, decoder gradient made
-orthogonal to the rows, rows renormalised. Steps run round-robin, one model after another on each
-batch, so load from other processes lands on all models alike; throughput is activation vectors
-per second of step time (the first step is a warm-up and not timed).
+Distributions (`DISTRIBUTIONS`):
+- `planted`: x = Σ c_i d_i over k random atoms of a fixed unit dictionary, c_i ~ U(0.5, 1.5), + noise.
+- `planted-exp`: the same with c_i ~ Exp(1) and each row scaled by 10^U(0,1) (norms vary tenfold), so
+  pre-activations are spread unevenly over rows (what made the old batch selection slow).
+- `student-t`: dense heavy-tailed data, every coordinate Student-t with 3 degrees of freedom.
+- `demo-tower`: real activations of the shipped demo CLIP tower (block -2, every token of shapes-world
+  images, extracted with `sae_modules.activations`); batches drawn from a 90 % training pool, the rest
+  held out.
 
-Held-out FVU uses each model's training-time selection (per-vector top-k, or batch top-k) so every
-model uses exactly k latents per vector on average. Sizes: d_in 1024, 16,384 latents, k 20, batch
-4096; `BENCH_SMALL=1` shrinks everything for a smoke run, `BENCH_STEPS` sets the timed steps,
-`BENCH_DEVICE` the device.
+Runners, all from the same initial weights (W_enc = W_dec^T, unit decoder rows, b_dec = mean of the
+first batch), each stepped as its trainer steps it (AuxK over latents unfired for `dead_window`
+samples, decoder gradient made orthogonal to the rows, rows renormalised, constant learning rate,
+no clipping): ours (`adam` and `signum`) for each architecture; sparsify's `SparseCoder` TopK with its
+default optimizer (sign-SGD under schedule-free, lr 5e-3/√(n/2^14)) and with Adam (lr 2e-4/√(n/2^14),
+ours' default too); and the dense reference of our Adam step per architecture (autograd through a
+dense latent tensor). Steps go round-robin on each batch, rotating who goes first, so load from
+other processes lands on all alike; vectors/s counts step time only (step 0 is a warm-up).
+
+Held-out FVU after the same number of steps uses each model's training-time selection (per-vector
+top-k, or batch top-k) and, for schedule-free runners, the averaged weights they would ship.
+`BENCH_SIZE=smoke|small|default` picks the sizes, `BENCH_STEPS` overrides the steps, `BENCH_DEVICE`
+the device, `BENCH_DISTRIBUTIONS` a comma-separated subset.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from sae_modules.metrics import ReconstructionMetrics
 from sae_modules.saes import SAE, SAEConfig, build_sae, fire_counts, group_sizes_from_fractions
+from sae_modules.train.optim import inference_weights, make_optimizer
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 MATRYOSHKA_FRACTIONS = [1 / 16, 3 / 16, 1 / 4, 1 / 2]
+BASE_LR = {"adam": 2e-4, "signum": 5e-3}
 
 
 @dataclass(frozen=True)
@@ -41,43 +56,127 @@ class BenchSize:
     batch: int
     steps: int
     heldout_batches: int
-    lr: float = 1e-3
+    tower_images: int = 400
 
     @property
     def dead_window(self) -> int:
         """Short enough that AuxK is live (and timed) during the run."""
-        return 2 * self.batch
+        return 4 * self.batch
+
+    def lr(self, optimizer: str) -> float:
+        return BASE_LR[optimizer] / math.sqrt(self.n_latents / 2**14)
 
 
-FULL = BenchSize(d_in=1024, n_latents=16_384, k=20, batch=4096, steps=4, heldout_batches=2)
-SMALL = BenchSize(d_in=32, n_latents=256, k=4, batch=128, steps=3, heldout_batches=2)
+SIZES = {
+    "default": BenchSize(d_in=256, n_latents=4096, k=20, batch=1024, steps=150, heldout_batches=4),
+    "small": BenchSize(d_in=64, n_latents=1024, k=8, batch=256, steps=60, heldout_batches=2),
+    "smoke": BenchSize(d_in=16, n_latents=64, k=2, batch=32, steps=3, heldout_batches=1, tower_images=8),
+}
 
 
-class PlantedData:
-    """x = Σ c_i d_i over `k` random atoms of a fixed unit dictionary (c_i ~ U(0.5, 1.5)) + noise."""
+class Source:
+    """Batches of one distribution: `batch()` for training, `heldout()` for the final FVU."""
 
-    def __init__(self, size: BenchSize, device: torch.device, seed: int = 0) -> None:
+    d_in: int
+
+    def batch(self) -> Tensor:
+        raise NotImplementedError
+
+    def heldout(self, n_batches: int) -> list[Tensor]:
+        return [self.batch() for _ in range(n_batches)]
+
+
+class Planted(Source):
+    """Sparse codes over a fixed unit dictionary of n_latents / 2 atoms, plus noise."""
+
+    def __init__(self, size: BenchSize, exp_coefficients: bool, seed: int = 0) -> None:
+        self.size, self.d_in, self.exp = size, size.d_in, exp_coefficients
         self.gen = torch.Generator().manual_seed(seed)
-        self.size, self.device = size, device
         self.n_atoms = size.n_latents // 2
         atoms = torch.randn(self.n_atoms, size.d_in, generator=self.gen)
-        self.atoms = (atoms / atoms.norm(dim=1, keepdim=True)).to(device)
+        self.atoms = atoms / atoms.norm(dim=1, keepdim=True)
 
     def batch(self) -> Tensor:
         n, k = self.size.batch, self.size.k
-        idx = torch.randint(0, self.n_atoms, (n, k), generator=self.gen).to(self.device)
-        coef = (0.5 + torch.rand(n, k, generator=self.gen)).to(self.device)
-        noise = 0.05 * torch.randn(n, self.size.d_in, generator=self.gen).to(self.device)
-        return nn.functional.embedding_bag(idx, self.atoms, per_sample_weights=coef, mode="sum") + noise
+        idx = torch.randint(0, self.n_atoms, (n, k), generator=self.gen)
+        if self.exp:
+            coef = torch.empty(n, k).exponential_(generator=self.gen)
+        else:
+            coef = 0.5 + torch.rand(n, k, generator=self.gen)
+        x = nn.functional.embedding_bag(idx, self.atoms, per_sample_weights=coef, mode="sum")
+        x = x + 0.05 * torch.randn(n, self.d_in, generator=self.gen)
+        if self.exp:
+            x = x * 10 ** torch.rand(n, 1, generator=self.gen)
+        return x
 
 
-class ReferenceSAE(nn.Module):
-    """The textbook step: dense latents, dense decode, autograd through every op."""
+class StudentT(Source):
+    """Dense i.i.d. heavy-tailed coordinates: Student-t with 3 degrees of freedom, z / sqrt(chi2_3 / 3)."""
 
-    def __init__(self, init: SAE, architecture: str, k: int, group_sizes: list[int] | None) -> None:
+    def __init__(self, size: BenchSize, seed: int = 0) -> None:
+        self.size, self.d_in = size, size.d_in
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self) -> Tensor:
+        shape = (self.size.batch, self.d_in)
+        z = torch.randn(shape, generator=self.gen)
+        chi2 = torch.randn((3, *shape), generator=self.gen).pow(2).sum(0)
+        return z / (chi2 / 3).sqrt()
+
+
+class DemoTower(Source):
+    """Every token of block -2 of the shipped demo CLIP tower on freshly drawn shapes-world images."""
+
+    def __init__(self, size: BenchSize, seed: int = 0) -> None:
+        from sae_modules.activations.extract import ExtractionPlan, run_extraction
+        from sae_modules.activations.images import FolderImages
+        from sae_modules.activations.shards import load_shard, read_manifest
+        from sae_modules.activations.tokens import TokenSelection
+        from sae_modules.activations.towers import load_tower
+        from sae_modules.shapes.world import write_folder
+
+        model = Path(__file__).parents[1] / "sae_modules" / "shapes" / "assets" / "model"
+        with tempfile.TemporaryDirectory() as tmp:
+            images, shards = Path(tmp) / "images", Path(tmp) / "acts"
+            write_folder(images, size.tower_images, seed=f"bench-train-{seed}")
+            plan = ExtractionPlan(
+                model=str(model), layer=-2, tokens=TokenSelection.parse("all"), batch_size=64
+            )
+            run_extraction(
+                load_tower(str(model), device="cpu"), FolderImages(images), shards, plan, progress=False
+            )
+            manifest = read_manifest(shards)
+            acts = torch.cat([load_shard(shards, e)["activations"].float() for e in manifest.shards])
+        self.size, self.d_in = size, acts.shape[1]
+        self.gen = torch.Generator().manual_seed(seed)
+        acts = acts[torch.randperm(len(acts), generator=self.gen)]
+        cut = int(0.9 * len(acts))
+        self.pool, self.held = acts[:cut], acts[cut:]
+
+    def batch(self) -> Tensor:
+        return self.pool[torch.randint(0, len(self.pool), (self.size.batch,), generator=self.gen)]
+
+    def heldout(self, n_batches: int) -> list[Tensor]:
+        return list(self.held.split(self.size.batch))[: max(n_batches, 1)]
+
+
+DISTRIBUTIONS: dict[str, Callable[[BenchSize], Source]] = {
+    "planted": lambda size: Planted(size, exp_coefficients=False),
+    "planted-exp": lambda size: Planted(size, exp_coefficients=True),
+    "student-t": StudentT,
+    "demo-tower": DemoTower,
+}
+
+
+class DenseReference(nn.Module):
+    """The textbook step of our loss: dense latents, dense decode, autograd through every op."""
+
+    def __init__(self, init: SAE) -> None:
         super().__init__()
-        self.architecture, self.k = architecture, k
-        self.group_ends = [0, *torch.tensor(group_sizes or [init.n_latents]).cumsum(0).tolist()]
+        self.architecture, self.k = init.cfg.architecture, init.cfg.k
+        self.auxk_alpha = init.cfg.auxk_alpha
+        sizes = init.cfg.group_sizes or [init.n_latents]
+        self.group_ends = [0, *torch.tensor(sizes).cumsum(0).tolist()]
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             setattr(self, name, nn.Parameter(getattr(init, name).detach().clone()))
 
@@ -90,23 +189,25 @@ class ReferenceSAE(nn.Module):
         return torch.zeros_like(pre).flatten().scatter(0, idx, values).view_as(pre)
 
     def forward(self, x: Tensor, dead_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, reconstruction, latents)."""
+        """(loss, reconstruction, latents); dead latents that fire on this batch are not dead."""
         f = self.encode(x)
         recon, prefix = self.b_dec.expand_as(x), []
         for a, b in itertools.pairwise(self.group_ends):
             recon = recon + f[:, a:b] @ self.W_dec[a:b]
             prefix.append((x - recon).pow(2).sum(-1).mean())
-        loss = torch.stack(prefix).mean()
-        if bool(dead_mask.any()):
+        loss = torch.stack(prefix).mean() / len(prefix)
+        dead = dead_mask & ~(f != 0).any(0)
+        if bool(dead.any()):
             residual = (x - recon).detach()
             pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-            k_aux = min(x.shape[1] // 2, int(dead_mask.sum()))
-            values, idx = torch.where(dead_mask, pre, -torch.inf).topk(k_aux, dim=1)
+            values, idx = torch.where(dead, pre, -torch.inf).topk(
+                min(x.shape[1] // 2, int(dead.sum())), dim=1
+            )
             aux = torch.zeros_like(pre).scatter(1, idx, values.relu()) @ self.W_dec
             auxk = (residual - aux).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(
                 -1
             ).mean()
-            loss = loss + auxk / 32
+            loss = loss + self.auxk_alpha * auxk.nan_to_num(0.0)
         return loss, recon, f
 
 
@@ -116,23 +217,18 @@ class Runner:
 
     name: str
     model: nn.Module
+    optimizer: object
     step_fn: Callable[[Tensor, Tensor], Tensor]
-    recon_fn: Callable[[Tensor], tuple[Tensor, Tensor]]
+    recon_fn: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
     normalize: Callable[[], None]
     remove_parallel: Callable[[], None]
-    lr: float
-    n_latents: int
+    eval_model: Callable[[], nn.Module]
     window: int
+    since_fired: Tensor
     seconds: float = 0.0
-    since_fired: Tensor | None = None
-    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
     def step(self, x: Tensor) -> None:
-        if self.optimizer is None:
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
-            self.since_fired = torch.zeros(self.n_latents, dtype=torch.long, device=x.device)
-        dead = self.since_fired > self.window
-        fired = self.step_fn(x, dead)
+        fired = self.step_fn(x, self.since_fired + x.shape[0] >= self.window)
         self.remove_parallel()
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -141,9 +237,10 @@ class Runner:
         self.since_fired[fired] = 0
 
 
-def ours(size: BenchSize, arch: str, init: SAE) -> Runner:
+def ours(size: BenchSize, init: SAE, optimizer: str) -> Runner:
     sae = build_sae(init.cfg)
     sae.load_state_dict(init.state_dict())
+    opt = make_optimizer(optimizer, sae, size.lr(optimizer))
 
     def step(x: Tensor, dead: Tensor) -> Tensor:
         out = sae(x, dead_mask=dead)
@@ -151,25 +248,27 @@ def ours(size: BenchSize, arch: str, init: SAE) -> Runner:
         return fire_counts(out.latents) > 0
 
     @torch.no_grad()
-    def recon(x: Tensor) -> tuple[Tensor, Tensor]:
-        out = sae(x)
+    def recon(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = model(x)
         return out.recon, out.latents
 
     return Runner(
-        "ours",
+        f"ours {optimizer}",
         sae,
+        opt,
         step,
         recon,
         sae.normalize_decoder,
         sae.remove_parallel_decoder_grad,
-        size.lr,
-        size.n_latents,
+        lambda: inference_weights(sae, opt),
         size.dead_window,
+        torch.zeros(size.n_latents, dtype=torch.long, device=init.W_enc.device),
     )
 
 
-def reference(size: BenchSize, arch: str, init: SAE) -> Runner:
-    ref = ReferenceSAE(init, arch, size.k, init.cfg.group_sizes)
+def dense_reference(size: BenchSize, init: SAE) -> Runner:
+    ref = DenseReference(init)
+    opt = make_optimizer("adam", ref, size.lr("adam"))
 
     def step(x: Tensor, dead: Tensor) -> Tensor:
         loss, _, f = ref(x, dead)
@@ -177,8 +276,8 @@ def reference(size: BenchSize, arch: str, init: SAE) -> Runner:
         return (f != 0).any(0)
 
     @torch.no_grad()
-    def recon(x: Tensor) -> tuple[Tensor, Tensor]:
-        _, x_hat, f = ref(x, torch.zeros(size.n_latents, dtype=torch.bool, device=x.device))
+    def recon(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        _, x_hat, f = model(x, torch.zeros(size.n_latents, dtype=torch.bool, device=x.device))
         return x_hat, f
 
     @torch.no_grad()
@@ -190,24 +289,41 @@ def reference(size: BenchSize, arch: str, init: SAE) -> Runner:
         ref.W_dec.grad -= (ref.W_dec.grad * ref.W_dec).sum(1, keepdim=True) * ref.W_dec
 
     return Runner(
-        "reference", ref, step, recon, normalize, remove_parallel, size.lr, size.n_latents, size.dead_window
+        "dense reference adam",
+        ref,
+        opt,
+        step,
+        recon,
+        normalize,
+        remove_parallel,
+        lambda: ref,
+        size.dead_window,
+        torch.zeros(size.n_latents, dtype=torch.long, device=init.W_enc.device),
     )
 
 
-def sparsify_topk(size: BenchSize, init: SAE) -> Runner:
-    """sparsify's SparseCoder stepped as sparsify's Trainer steps it (loss_fn="fvu", auxk_alpha=1/32)."""
+def sparsify_topk(size: BenchSize, init: SAE, optimizer: str) -> Runner:
+    """sparsify's SparseCoder stepped as sparsify's Trainer steps it (loss_fn="fvu", auxk_alpha=1/32),
+    with its default optimizer (`signum`: its SignSGD under ScheduleFreeWrapper, momentum 0.95) or Adam."""
     if init.W_enc.device.type == "cpu":
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU
+    from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
 
     coder = SparseCoder(
-        size.d_in, SparseCoderConfig(num_latents=size.n_latents, k=size.k), device=init.W_enc.device
+        init.d_in, SparseCoderConfig(num_latents=size.n_latents, k=size.k), device=init.W_enc.device
     )
     with torch.no_grad():
         coder.encoder.weight.copy_(init.W_enc.T)
         coder.encoder.bias.copy_(init.b_enc)
         coder.W_dec.copy_(init.W_dec)
         coder.b_dec.copy_(init.b_dec)
+    if optimizer == "signum":
+        opt = ScheduleFreeWrapper(SignSGD(coder.parameters(), lr=size.lr("signum")), momentum=0.95)
+        opt.train()
+    else:
+        opt = torch.optim.Adam(coder.parameters(), lr=size.lr("adam"))
 
     def step(x: Tensor, dead: Tensor) -> Tensor:
         coder.set_decoder_norm_to_unit_norm()
@@ -218,41 +334,44 @@ def sparsify_topk(size: BenchSize, init: SAE) -> Runner:
         return fired
 
     @torch.no_grad()
-    def recon(x: Tensor) -> tuple[Tensor, Tensor]:
-        out = coder(x)
+    def recon(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = model(x)
         f = torch.zeros(x.shape[0], size.n_latents, device=x.device).scatter_(
             1, out.latent_indices, out.latent_acts
         )
         return out.sae_out, f
 
     return Runner(
-        "sparsify",
+        f"sparsify TopK {optimizer}",
         coder,
+        opt,
         step,
         recon,
         lambda: None,
         coder.remove_gradient_parallel_to_decoder_directions,
-        size.lr,
-        size.n_latents,
+        lambda: inference_weights(coder, opt),
         size.dead_window,
+        torch.zeros(size.n_latents, dtype=torch.long, device=init.W_enc.device),
     )
 
 
 def heldout_fvu(runner: Runner, heldout: list[Tensor]) -> float:
     """FVU with each model's training-time selection (eval of ours would use the young θ)."""
-    metrics = ReconstructionMetrics(runner.n_latents)
-    runner.model.train()
-    if hasattr(runner.model, "learn_threshold"):
-        runner.model.learn_threshold = False
+    metrics = ReconstructionMetrics(runner.model.W_dec.shape[0])
+    model = runner.eval_model()
+    model.train()
+    if hasattr(model, "learn_threshold"):
+        model.learn_threshold = False
     for x in heldout:
-        x_hat, latents = runner.recon_fn(x)
+        x_hat, latents = runner.recon_fn(model, x)
         metrics.update(x, x_hat, latents)
     return metrics.compute()["fvu"]
 
 
-def race(runners: list[Runner], batches: list[Tensor], device: torch.device) -> None:
-    """Step every runner on every batch, rotating who goes first; the first batch is a warm-up."""
-    for step, x in enumerate(batches):
+def race(runners: list[Runner], source: Source, steps: int, device: torch.device) -> None:
+    """Step every runner on every batch, rotating who goes first; step 0 is a warm-up."""
+    for step in range(steps + 1):
+        x = source.batch().to(device)
         for runner in runners[step % len(runners) :] + runners[: step % len(runners)]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -264,12 +383,12 @@ def race(runners: list[Runner], batches: list[Tensor], device: torch.device) -> 
                 runner.seconds += time.perf_counter() - start
 
 
-def run(size: BenchSize, device: torch.device) -> list[dict[str, float | str]]:
-    """One architecture at a time, raced against its dense reference and sparsify's TopK (the only
-    kind sparsify trains) on the same batches; only one group's weights are alive at a time."""
-    data = PlantedData(size, device)
-    batches = [data.batch() for _ in range(size.steps + 1)]
-    heldout = [data.batch() for _ in range(size.heldout_batches)]
+def run_distribution(name: str, size: BenchSize, device: torch.device) -> list[dict[str, float | str]]:
+    """Every runner on one distribution; one architecture group's weights alive at a time, each
+    group raced with both sparsify runners so every ratio comes from the same batches and load."""
+    source = DISTRIBUTIONS[name](size)
+    size = replace(size, d_in=source.d_in)
+    heldout = [x.to(device) for x in source.heldout(size.heldout_batches)]
     vectors = size.steps * size.batch
     rows: list[dict[str, float | str]] = []
     for i, arch in enumerate(ARCHITECTURES):
@@ -280,60 +399,64 @@ def run(size: BenchSize, device: torch.device) -> list[dict[str, float | str]]:
             else None
         )
         cfg = SAEConfig(
-            architecture=arch,
-            d_in=size.d_in,
-            n_latents=size.n_latents,
-            k=size.k,
-            group_sizes=groups,
-            dead_window=size.dead_window,
-            threshold_decay=0.9,
+            architecture=arch, d_in=size.d_in, n_latents=size.n_latents, k=size.k, group_sizes=groups
         )
         init = build_sae(cfg).to(device)
-        init.b_dec.data.copy_(batches[0].mean(0))
-        mine, ref, sparsify = ours(size, arch, init), reference(size, arch, init), sparsify_topk(size, init)
-        race([mine, ref, sparsify], batches, device)
-        rows.append(
-            {
-                "architecture": arch,
-                "ours_vps": vectors / mine.seconds,
-                "reference_vps": vectors / ref.seconds,
-                "sparsify_topk_vps": vectors / sparsify.seconds,
-                "vs_reference": ref.seconds / mine.seconds,
-                "vs_sparsify": sparsify.seconds / mine.seconds,
-                "fvu_ours": heldout_fvu(mine, heldout),
-                "fvu_reference": heldout_fvu(ref, heldout),
-                "fvu_sparsify_topk": heldout_fvu(sparsify, heldout),
-            }
-        )
-        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        init.b_dec.data.copy_(source.batch().to(device).mean(0))
+        runners = [
+            ours(size, init, "adam"),
+            ours(size, init, "signum"),
+            dense_reference(size, init),
+            sparsify_topk(size, init, "signum"),
+            sparsify_topk(size, init, "adam"),
+        ]
+        race(runners, source, size.steps, device)
+        by_name = {r.name: r for r in runners}
+        sparsify_seconds = by_name["sparsify TopK signum"].seconds
+        for runner in runners:
+            if runner.name.startswith("sparsify") and arch != "topk":
+                continue  # sparsify only trains TopK; its rows appear once per distribution
+            rows.append(
+                {
+                    "distribution": name,
+                    "architecture": "topk" if runner.name.startswith("sparsify") else arch,
+                    "runner": runner.name,
+                    "vectors_per_s": vectors / runner.seconds,
+                    "vs_sparsify": sparsify_seconds / runner.seconds,
+                    "fvu": heldout_fvu(runner, heldout),
+                }
+            )
+        print(markdown(rows[-len(runners) :]), flush=True)
     return rows
 
 
 def markdown(rows: list[dict[str, float | str]]) -> str:
     head = (
-        "| architecture | ours (vec/s) | reference (vec/s) | sparsify TopK (vec/s) | × reference | × sparsify "
-        "| FVU ours | FVU reference | FVU sparsify TopK |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| distribution | architecture | runner | vectors/s | × sparsify TopK (signum) | held-out FVU |\n"
+        "|---|---|---|---:|---:|---:|"
     )
     lines = [
-        f"| {r['architecture']} | {r['ours_vps']:,.0f} | {r['reference_vps']:,.0f} | {r['sparsify_topk_vps']:,.0f} "
-        f"| {r['vs_reference']:.2f}× | {r['vs_sparsify']:.2f}× | {r['fvu_ours']:.4f} | {r['fvu_reference']:.4f} "
-        f"| {r['fvu_sparsify_topk']:.4f} |"
+        f"| {r['distribution']} | {r['architecture']} | {r['runner']} | {r['vectors_per_s']:,.0f} "
+        f"| {r['vs_sparsify']:.2f}× | {r['fvu']:.4f} |"
         for r in rows
     ]
     return "\n".join([head, *lines])
 
 
 def main() -> None:
-    size = SMALL if os.environ.get("BENCH_SMALL") == "1" else FULL
+    size = SIZES[os.environ.get("BENCH_SIZE", "default")]
     if steps := os.environ.get("BENCH_STEPS"):
-        size = BenchSize(**{**size.__dict__, "steps": int(steps)})
+        size = replace(size, steps=int(steps))
     device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+    names = os.environ.get("BENCH_DISTRIBUTIONS", ",".join(DISTRIBUTIONS)).split(",")
     print(
-        f"SAE training on {device} ({torch.get_num_threads()} threads), synthetic planted data: d_in={size.d_in}, "
-        f"n_latents={size.n_latents}, k={size.k}, batch={size.batch}, {size.steps} timed steps, Adam lr={size.lr}",
+        f"SAE training on {device} ({torch.get_num_threads()} threads): d_in={size.d_in} (demo-tower: the tower's), "
+        f"n_latents={size.n_latents}, k={size.k}, batch={size.batch}, {size.steps} timed steps, constant LR "
+        f"(adam {size.lr('adam'):.2e}, signum {size.lr('signum'):.2e})",
         flush=True,
     )
-    print(markdown(run(size, device)))
+    rows = [row for name in names for row in run_distribution(name, size, device)]
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

@@ -35,10 +35,17 @@ class SignSGD(torch.optim.Optimizer):
 
 
 def build_optimizer(config: TrainConfig, module: nn.Module, lr: float) -> Optimizer:
-    """A fresh optimizer for `module`, in training mode."""
-    if config.optimizer == "adam":
-        return torch.optim.Adam(module.parameters(), lr=lr, betas=config.betas)
-    wrapped = ScheduleFreeWrapper(SignSGD(module.parameters(), lr=lr), momentum=config.momentum)
+    """A fresh optimizer for `module` as the run's settings ask, in training mode."""
+    return make_optimizer(config.optimizer, module, lr, betas=config.betas, momentum=config.momentum)
+
+
+def make_optimizer(
+    kind: str, module: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.95
+) -> Optimizer:
+    """`adam` or `signum` for `module`, in training mode (also what the training benchmark races)."""
+    if kind == "adam":
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
+    wrapped = ScheduleFreeWrapper(SignSGD(module.parameters(), lr=lr), momentum=momentum)
     wrapped.train()  # no state yet, so this only sets the mode; a restored state is y already
     return wrapped
 
