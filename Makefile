@@ -7,7 +7,7 @@ PORT ?= 8000
 # torch and torchvision versions proven together with open_clip (see docs/DESIGN notes in README).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast bench serve demo-model test-vllm load chromium promtool image
+.PHONY: install test test-fast bench serve demo-model demo-dictionary test-vllm load chromium promtool image
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: $(STAMP)
 # The default model and SAE (sae_modules/shapes/assets) and examples/*.png, rebuilt deterministically.
 demo-model: $(STAMP)
 	$(PY) -m sae_modules.shapes.cli --out sae_modules/shapes/assets --examples examples
+
+# The demo SAE's latent dictionary (statistics + labels beside it, from held-out images); rerun after demo-model.
+demo-dictionary: $(STAMP)
+	$(PY) scripts/demo_dictionary.py
 
 # Starts Ray Serve on 127.0.0.1:$(PORT) with the demo model (or CONFIG=settings.yaml), waits until ready, prints a curl example.
 serve: $(STAMP)

@@ -166,7 +166,7 @@ class LatentStatsAccumulator:
     """Feed (latents [n, F], image_index [n]) batches in image order; `result()` gives the statistics."""
 
     def __init__(self, n_latents: int, top_k: int = 16, relative_error: float = RELATIVE_ERROR) -> None:
-        self.n_latents, self.top_k = n_latents, top_k
+        self.n_latents, self.top_k, self.relative_error = n_latents, top_k, relative_error
         self.fire_count = torch.zeros(n_latents, dtype=torch.int64)
         self.sum = torch.zeros(n_latents, dtype=torch.float64)
         self.max = torch.zeros(n_latents, dtype=torch.float32)
@@ -234,13 +234,9 @@ class LatentStatsAccumulator:
             fire_count=self.fire_count, mean=mean, max=self.max + 0.0, p99=p99 + 0.0, top_values=top_values.float(),
             top_images=top_images,
             info=StatsInfo(**info, tensors_sha256="", n_latents=self.n_latents, n_vectors=self.n_vectors,
-                           n_images=len(self.image_ids), quantile_relative_error=self.sketch_error,
+                           n_images=len(self.image_ids), quantile_relative_error=self.relative_error,
                            top_k=self.top_k, images=[image_names[i] for i in referenced.tolist()]),
         )
-
-    @property
-    def sketch_error(self) -> float:
-        return (self.sketch.gamma - 1) / (self.sketch.gamma + 1)
 
 
 @torch.no_grad()
