@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import mimetypes
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -81,6 +83,28 @@ class SteerClient:
             "types": types, "use_error_term": use_error_term, "pre_zero": pre_zero, "max_tokens": max_tokens,
             "temperature": temperature, "top_p": top_p, "seed": seed,
         })
+
+    def steer_stream(self, image: ImageLike, prompt: str, interventions: list[dict[str, Any]] | None = None,
+                     **fields: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+        """POST /v1/steer with "stream": true: ("delta", {"type", "text"}) as text is made, then ("result", body).
+
+        `fields` are the other /v1/steer fields (types, max_tokens, seed, ...); errors raise `ServiceError`."""
+        body = {"prompt": prompt, "image": image_data_url(image), "interventions": interventions or [],
+                "stream": True, **{k: v for k, v in fields.items() if v is not None}}
+        with self.http.stream("POST", "/v1/steer", json=body) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._answer(response)
+            event = None
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    data = json.loads(line.removeprefix("data: "))
+                    if event == "error":
+                        error = data["error"]
+                        raise ServiceError(response.status_code, error["type"], error["message"], error.get("param"))
+                    yield event, data
 
     def chat(self, image: ImageLike, prompt: str, steering: dict[str, Any] | None = None,
              **openai_fields: Any) -> dict[str, Any]:

@@ -158,3 +158,17 @@ def test_sixteen_concurrent_mixed_requests_all_finish(base) -> None:
         results = list(pool.map(one, range(16)))
     assert [status for status, _ in results] == [200] * 16
     assert all(1 <= tokens <= lengths[i] for i, (_, tokens) in enumerate(results))
+
+
+def test_python_client_streams_steer(base) -> None:
+    from service.client import ServiceError, SteerClient
+
+    body = steer_body(max_tokens=10)
+    with SteerClient(base) as client:
+        events = list(client.steer_stream(noise_image(0), PROMPT, [PIN], types=["STEERED", "DEFAULT"], max_tokens=10))
+        with pytest.raises(ServiceError) as caught:
+            list(client.steer_stream(noise_image(0), PROMPT, [{"latent": 10_000, "value": 1}]))
+    assert (caught.value.status, caught.value.param) == (422, "interventions.0.latent")
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "result" and set(kinds[:-1]) == {"delta"}
+    assert events[-1][1]["outputs"] == streamed_steer(base, body)[1]["outputs"]

@@ -1,8 +1,10 @@
-"""vLLM backend parity (opt-in: `make test-vllm`, which sets VLM_STEER_VLLM=1 in the vLLM venv).
+"""vLLM async engine (opt-in: `make test-vllm`, which sets VLM_STEER_VLLM=1 in the vLLM venv).
 
 The vLLM backend must answer exactly as the transformers backend does, greedy, from the same
-embeddings, with and without an edit. vLLM runs in a subprocess (its CPU engine re-imports the
-main module of the process that starts it).
+embeddings, with and without an edit; stream deltas that add up to its answers; stop a request
+whose client left; and batch continuously (a short request submitted after a long one finishes
+first). vLLM runs in a subprocess (its CPU engine re-imports the main module of the process that
+starts it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ pytestmark = [pytest.mark.opt_in, pytest.mark.skipif(os.environ.get("VLM_STEER_V
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "vllm_parity.py"
 
 
-def test_vllm_greedy_answers_equal_transformers(tiny_llava_dir, tmp_path):
+def test_vllm_async_engine_parity_streaming_abort_and_continuous_batching(tiny_llava_dir, tmp_path):
     sae_dir = save_sae(make_sae("batchtopk", 1), tmp_path / "sae")
     done = subprocess.run([sys.executable, str(SCRIPT), str(tiny_llava_dir), str(sae_dir)], capture_output=True,
                           text=True, timeout=1200, check=False)
@@ -34,3 +36,6 @@ def test_vllm_greedy_answers_equal_transformers(tiny_llava_dir, tmp_path):
     assert all(change > 1e-3 for change in result["steering_changed"])
     assert result["vllm"] == result["transformers"]
     assert any(text for text in result["transformers"])
+    assert result["streamed"] == result["vllm"]
+    assert result["aborted_tokens"][0] < result["aborted_tokens"][1]
+    assert result["short_first"] and result["healthy"]

@@ -97,7 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InterventionError)
     async def _intervention(_: Request, exc: InterventionError) -> JSONResponse:
-        return error_response(422, str(exc), exc.field)
+        return error_response(getattr(exc, "status", 422), str(exc), exc.field)  # UnknownSAEError: 404
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -202,13 +202,15 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
     app.add_middleware(Guard, limits=limits, api_keys=[key.get_secret_value() for key in settings.api_keys])
     mount_ui(app, settings.ui_examples_dir, settings.report_dir)
     checkers: dict[str, PromptChecker] = {}
+    loading = asyncio.Lock()  # one load: concurrent first imports of transformers' lazy modules can fail
 
     async def served() -> tuple[ServingInfo, PromptChecker]:
         """The replica's serving info and a prompt checker with the same model's processor."""
         try:
             info = await backend.info()
-            if info.checkpoint not in checkers:
-                checkers[info.checkpoint] = await run_in_threadpool(PromptChecker.load, info.checkpoint)
+            async with loading:
+                if info.checkpoint not in checkers:
+                    checkers[info.checkpoint] = await run_in_threadpool(PromptChecker.load, info.checkpoint)
         except APIError:
             raise
         except Exception as exc:
