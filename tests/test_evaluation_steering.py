@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sae_modules.evaluation.embedders import load_embedder
+from sae_modules.evaluation.encode import EncodedDir
 from sae_modules.evaluation.steering_score import PROMPT, first_word, prototypes, steering_score
 from sae_modules.formats.native import save_sae
 from sae_modules.saes import build_sae
@@ -113,3 +114,36 @@ def test_steering_command_runs_end_to_end_through_the_engine(tiny_llava_dir, cli
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["steering"]["steered"] == body["steered"]
     assert "## Steering score" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_every_evaluate_command_takes_the_layer_from_a_flag_when_the_sae_records_none(
+    tiny_llava_dir, clip_dir, tmp_path
+):
+    """The paper's releases record no layer: without --layer each command says so in one line (exit 2, no
+    traceback); with --layer it runs and the encoded directory records that block."""
+    from service.cli import app
+
+    write_folder(tmp_path / "images", 6, seed=3)
+    write_folder(tmp_path / "probes", 1, seed=4)
+    save_sae(build_sae(SAEConfig(architecture="batchtopk", d_in=32, n_latents=24, k=4, threshold=0.05)),
+             tmp_path / "sae")
+    chain = ["--sae", str(tmp_path / "sae"), "--model", str(tiny_llava_dir), "--images", str(tmp_path / "images"),
+             "--embedder", f"clip:{clip_dir}", "--device", "cpu"]
+    steering = ["evaluate", "steering", "--encoded", str(tmp_path / "ms-encoded"), "--clip", f"clip:{clip_dir}",
+                "--model", str(tiny_llava_dir), "--sae", str(tmp_path / "sae"), "--probe-images",
+                str(tmp_path / "probes"), "--latents", "0", "--top-k", "2", "--out", str(tmp_path / "steer.json"),
+                "--device", "cpu"]
+    runner = CliRunner()
+    for command in (["evaluate", "ms", "--out", str(tmp_path / "ms.json"), *chain],
+                    ["evaluate", "report", "--out", str(tmp_path / "report"), *chain], steering):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, (command[1], result.output)
+        assert "layer" in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    result = runner.invoke(app, ["evaluate", "ms", "--out", str(tmp_path / "ms.json"), *chain, "--layer", "-2"])
+    assert result.exit_code == 0, result.output
+    assert EncodedDir.open(tmp_path / "ms-encoded").info.layer == -2
+    result = runner.invoke(app, [*steering, "--layer", "-2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "steer.json").read_text())["steered"]["n"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +98,15 @@ def test_taxonomy_has_three_levels_and_consistent_parents() -> None:
         assert taxonomy.parent(family) == taxonomy.ROOT
     with pytest.raises(ValueError, match="label"):
         taxonomy.parent("teal blob")
+
+
+def test_flat_folder_keeps_draw_order_so_every_tail_mixes_classes(tmp_path) -> None:
+    """by_label=False: sorted files are the draw order, so the last tenth (a trainer's held-out tail) holds many
+    classes; the class-folder layout puts only the alphabetically last classes there."""
+    attrs = write_folder(tmp_path / "flat", 200, seed=5, by_label=False)
+    write_folder(tmp_path / "nested", 200, seed=5)
+    flat, nested = FolderImages(tmp_path / "flat").ids, FolderImages(tmp_path / "nested").ids
+    assert [Path(i).name for i in flat] == [f"{n:06d}_{a.label}.png" for n, a in enumerate(attrs)]
+    tail_classes = {Path(i).name.split("_", 1)[1] for i in flat[-20:]}
+    nested_tail = {Path(i).parent.name for i in nested[-20:]}
+    assert len(tail_classes) >= 10 and len(nested_tail) <= 3, (tail_classes, nested_tail)

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from sae_modules.evaluation.encode import EncodedDir
 from sae_modules.evaluation.sources import ACTIVATIONS_KEY
 from sae_modules.shapes import DEMO_CLIP_DIR, DEMO_MODEL_DIR, DEMO_SAE_DIR
-from sae_modules.shapes.build import rebuild
 from sae_modules.shapes.cli import app as shapes_app
 from sae_modules.shapes.manifest import verify_manifest, write_manifest
+from sae_modules.shapes.rebuild import rebuild
 from sae_modules.shapes.recipe import Recipe
 from sae_modules.shapes.world import write_folder
 

@@ -43,6 +43,7 @@ from sae_modules.evaluation.steering_score import (
 from sae_modules.evaluation.taxonomy import by_level, csv_taxonomy, folder_taxonomy, latent_depths
 from sae_modules.formats.detect import load_sae
 from sae_modules.formats.errors import CheckpointError
+from sae_modules.saes.base import SAE
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 _ERRORS = (EvaluationError, ExtractError, ShardError, CheckpointError)
@@ -61,7 +62,7 @@ EncodedOpt = Annotated[Path | None, typer.Option(help="Encoded directory written
 
 def _fail(err: Exception) -> typer.Exit:
     field = getattr(err, "field", None)
-    Console(stderr=True).print(f"[red]error:[/red] {f'{field}: ' if field else ''}{err}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {f'{field}: ' if field else ''}{err}", highlight=False)
     return typer.Exit(2)
 
 
@@ -80,12 +81,19 @@ def _encoded(encoded: Path | None, work: Path, sae: str | None, model: str | Non
     torch_device = resolve_device(device)
     sae_module = None if sae is None else load_sae(sae, device=torch_device)
     if layer is None:
-        layer = None if sae_module is None else sae_module.cfg.source.layer
-        if layer is None:
-            raise EvaluationError("the SAE's config records no layer: give --layer", "layer")
+        if sae_module is None:
+            raise EvaluationError("--raw-neurons needs --layer (the block whose neurons are measured)", "layer")
+        layer = _recorded_layer(sae_module, sae)
     tower = load_tower(model, str(weights) if weights else None, device)
     return encode_images(tower, layer, sae_module, FolderImages(images), load_embedder(embedder, torch_device), work,
                          pooling=pooling, batch_size=batch_size, sae_name=sae)  # type: ignore[arg-type]
+
+
+def _recorded_layer(sae_module: SAE, name: str) -> int:
+    layer = sae_module.cfg.source.layer
+    if layer is None:
+        raise EvaluationError(f"the SAE {name} records no layer (the paper's releases do not): give --layer", "layer")
+    return layer
 
 
 def _group_sizes(text: str | None, sae: str | None) -> list[int] | None:
@@ -243,8 +251,8 @@ def stats(
                                f"{result.stats.info.n_vectors} vectors{labelled} -> {', '.join(map(str, result.files))}")
 
 
-AnswerFactory = Callable[[str, str, str], Answer]
-"""(model, sae, device) -> answer(image, latent, value): built by the serving side, which owns generation."""
+AnswerFactory = Callable[[str, str, int, str], Answer]
+"""(model, sae, layer, device) -> answer(image, latent, value): built by the serving side, which owns generation."""
 
 
 def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
@@ -261,10 +269,14 @@ def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
         n_latents: Annotated[int, typer.Option(help="How many latents when --latents is not given.")] = 10,
         value: Annotated[float, typer.Option(help="Value the latent is pinned to (the paper uses 100).")] = PAPER_VALUE,
         top_k: Annotated[int, typer.Option(help="Top images per prototype.")] = 16,
+        layer: LayerOpt = None,
         device: DeviceOpt = "auto",
     ) -> None:
         """Steering score: CLIP agreement of the steered one-word answer with the latent's top images."""
         try:
+            if layer is None:  # checked before the model loads: a missing layer should cost seconds, not a 7B load
+                layer = _recorded_layer(load_sae(sae), sae)
+            answer = make_answer(model, sae, layer, str(resolve_device(device)))
             data = EncodedDir.open(encoded)
             if not data.info.root:
                 raise EvaluationError(f"{encoded} records no image folder, so top images cannot be embedded", "encoded")
@@ -280,7 +292,7 @@ def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
             probes = FolderImages(probe_images)
             images = [probes.load(i) for i in range(len(probes.ids))]
             labels = [label.replace("_", " ") for label in probes.labels] if probes.labels else None
-            result = steering_score(chosen, protos, images, make_answer(model, sae, device), clip_embedder,
+            result = steering_score(chosen, protos, images, answer, clip_embedder,
                                     value=value, probe_labels=labels,
                                     probe_embeddings=clip_embedder.embed(images, 0) if labels else None)
             out.parent.mkdir(parents=True, exist_ok=True)

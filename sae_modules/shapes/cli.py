@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from sae_modules.shapes import ASSETS_DIR
-from sae_modules.shapes.build import rebuild, rebuild_clip
 from sae_modules.shapes.manifest import ManifestError
+from sae_modules.shapes.rebuild import rebuild, rebuild_clip, rebuild_sae
 from sae_modules.shapes.recipe import Recipe
 from sae_modules.shapes.world import write_examples
 
@@ -33,16 +33,26 @@ def main(
         bool,
         typer.Option(help="Rerun stage 1 only: add clip/ to existing assets built with the same recipe."),
     ] = False,
+    sae_only: Annotated[
+        bool,
+        typer.Option(
+            help="Rerun stage 4 only: retrain sae/ on the existing model (only sae_* settings may change)."
+        ),
+    ] = False,
 ) -> None:
     """Train the demo CLIP, model and SAE deterministically and write their manifest."""
     recipe = Recipe.tiny(seed) if tiny else Recipe(seed=seed)
-    if clip_only:
+    if clip_only and sae_only:
+        typer.echo("error: give at most one of --clip-only and --sae-only", err=True)
+        raise typer.Exit(2)
+    if clip_only or sae_only:
         try:
-            record = rebuild_clip(out, recipe, progress=progress)
+            record = (rebuild_clip if clip_only else rebuild_sae)(out, recipe, progress=progress)
         except ManifestError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
-        typer.echo(json.dumps({"clip_rebuild": record["clip_rebuild"]}, indent=2))
+        key = "clip_rebuild" if clip_only else "sae_rebuild"
+        typer.echo(json.dumps({key: record[key], **({} if clip_only else {"sae": record["sae"]})}, indent=2))
         return
     record = rebuild(out, recipe, eval_images=eval_images, progress=progress)
     if examples is not None:

@@ -61,7 +61,13 @@ class Recipe:
     sae_steps: int = 1500
     sae_batch: int = 512
     sae_lr: float = 1e-3
-    sae_dead_window: int = 50_000  # samples; the paper's 10M is more than this whole run sees
+    # Samples; the paper's 10M is more than this whole run sees. 5,000 (10 batches) lets AuxK revive
+    # a latent while it is still worth reviving: 50,000 left 82 % of latents dead on held-out data.
+    sae_dead_window: int = 5_000
+    # θ's EMA decay. The paper's 0.999 averages over ~1,000 steps, most of this 1,500-step run, so θ
+    # kept the early, larger minima: held-out L0 4.8 for k = 8 and most latents never over θ.
+    sae_threshold_decay: float = 0.99
+    sae_auxk_alpha: float = 1 / 32
 
     @classmethod
     def tiny(cls, seed: int = 0) -> Recipe:

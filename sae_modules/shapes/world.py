@@ -6,14 +6,16 @@ a steering run or a taxonomy metric can be checked exactly, on a CPU, in seconds
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from sae_modules.atomic_file import atomic_write_bytes
 
 SHAPES = ("circle", "ellipse", "square", "triangle", "star", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -142,21 +144,32 @@ def generate(
         yield render(attrs, image_size), attrs
 
 
+def _save_png(image: Image.Image, target: Path) -> None:
+    """Encode in memory, then write atomically: a killed run never leaves a torn PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(target, buffer.getvalue())
+
+
 def write_folder(
-    folder: str | Path, count: int, seed: int | str, image_size: int = 64
+    folder: str | Path, count: int, seed: int | str, image_size: int = 64, by_label: bool = True
 ) -> list[ShapeAttributes]:
     """Write `count` images as `<folder>/<colour>_<shape>/<index>.png` (the layout `vlm-steer extract` reads).
 
-    Each file is written to a temporary name and renamed, so a killed run never leaves a torn PNG.
+    `by_label=False` writes `<folder>/<index>_<colour>_<shape>.png` instead: sorted file order is then
+    draw order, so any slice of the files (e.g. a trainer's held-out tail) mixes every class, where the
+    class folders would put the last classes alphabetically in the tail.
     """
     folder = Path(folder)
     written = []
     for index, (image, attrs) in enumerate(generate(count, seed, image_size)):
-        target = folder / attrs.label / f"{index:06d}.png"
+        target = (
+            folder / attrs.label / f"{index:06d}.png"
+            if by_label
+            else folder / f"{index:06d}_{attrs.label}.png"
+        )
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_suffix(".png.tmp")
-        image.save(temporary, format="PNG")
-        os.replace(temporary, target)
+        _save_png(image, target)
         written.append(attrs)
     return written
 
@@ -182,8 +195,6 @@ def write_examples(folder: str | Path, image_size: int = 64) -> list[Path]:
             rotation=0.0, rgb=COLOURS[colour], background=255,
         )  # fmt: skip
         target = folder / f"{attrs.label}.png"
-        temporary = target.with_suffix(".png.tmp")
-        render(attrs, image_size).save(temporary, format="PNG")
-        os.replace(temporary, target)
+        _save_png(render(attrs, image_size), target)
         paths.append(target)
     return paths

@@ -2,8 +2,9 @@
 
 Deterministic for a given recipe on a given CPU type (fixed threads, deterministic kernels,
 seeded streams); the result lands in `out/clip`, `out/model`, `out/sae` and `out/MANIFEST.json`,
-each swapped in only when complete. `rebuild_clip` reruns stage 1 alone, which is how assets built
-before the CLIP was shipped gain it without retraining the rest.
+each swapped in only when complete (`sae_modules.atomic_file.write_folder`). `rebuild_clip` reruns
+stage 1 alone, which is how assets built before the CLIP was shipped gain it without retraining the
+rest; `rebuild_sae` reruns stage 4 alone on the shipped model, for a new SAE recipe.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import platform
 import shutil
 import tempfile
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from sae_modules.atomic_file import write_folder
+from sae_modules.formats.detect import load_sae
 from sae_modules.shapes.builder import build_llava, build_processor, build_tokenizer
 from sae_modules.shapes.evaluate import HELD_OUT_SEED, answer_accuracy
 from sae_modules.shapes.manifest import ManifestError, verify_manifest, write_manifest
@@ -29,10 +30,12 @@ from sae_modules.shapes.recipe import Recipe, make_deterministic
 from sae_modules.shapes.stage_align import align_projector
 from sae_modules.shapes.stage_clip import save_clip, train_clip, vision_tower
 from sae_modules.shapes.stage_instruct import instruct
-from sae_modules.shapes.stage_sae import SAE_LAYER, train_demo_sae
+from sae_modules.shapes.stage_sae import HOLDOUT, SAE_LAYER, train_demo_sae
 
 REBUILD_COMMAND = "make demo-model"
 CLIP_COMMAND = "python -m sae_modules.shapes.cli --clip-only"
+SAE_COMMAND = "python -m sae_modules.shapes.cli --sae-only"
+SAE_FIGURES = ("fvu", "l0", "dead_fraction", "dense_fraction", "n_vectors")
 
 
 def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = True) -> dict:
@@ -51,7 +54,7 @@ def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = 
         clip, stats = train_clip(recipe, processor, progress)
         figures |= stats
         timings["clip"] = time.perf_counter() - tick
-        replace_dir(out / "clip", lambda staging: save_clip(clip, processor, staging))
+        write_folder(out / "clip", lambda staging: save_clip(clip, processor, staging))
 
         model = build_llava(
             processor,
@@ -72,12 +75,10 @@ def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = 
             model.save_pretrained(staging)
             processor.save_pretrained(staging)
 
-        replace_dir(out / "model", save_model)
-        with tempfile.TemporaryDirectory(dir=out, prefix=".sae-work-") as work:
-            tick = time.perf_counter()
-            trained = train_demo_sae(out / "model", Path(work), recipe, progress)
-            replace_dir(out / "sae", lambda staging: _copy_files(trained, staging))
-            timings["sae"] = time.perf_counter() - tick
+        write_folder(out / "model", save_model)
+        tick = time.perf_counter()
+        sae_figures = _train_and_ship_sae(out, recipe, progress)
+        timings["sae"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
         loaded = LlavaForConditionalGeneration.from_pretrained(out / "model").eval()
@@ -95,6 +96,7 @@ def rebuild(out: Path, recipe: Recipe, eval_images: int = 200, progress: bool = 
         "recipe": recipe.to_dict(),
         "sae_layer": SAE_LAYER,
         "accuracy": {"held_out_seed": HELD_OUT_SEED, "images": eval_images, **accuracy},
+        "sae": sae_figures,
         "training": figures,
         "seconds": {k: round(v, 1) for k, v in timings.items()}
         | {"total": round(time.perf_counter() - started, 1)},
@@ -135,7 +137,7 @@ def rebuild_clip(out: Path, recipe: Recipe, progress: bool = True) -> dict:
             f"clip: stage 1 gave {stats}, the shipped build recorded {recorded}; "
             f"run `{REBUILD_COMMAND}` on this machine instead"
         )
-    replace_dir(out / "clip", lambda staging: save_clip(clip, processor, staging))
+    write_folder(out / "clip", lambda staging: save_clip(clip, processor, staging))
     record = {key: value for key, value in record.items() if key not in ("files", "total_bytes")}
     record["clip_rebuild"] = {
         "command": CLIP_COMMAND,
@@ -146,24 +148,52 @@ def rebuild_clip(out: Path, recipe: Recipe, progress: bool = True) -> dict:
     return record
 
 
+def rebuild_sae(out: Path, recipe: Recipe, progress: bool = True) -> dict:
+    """Rerun stage 4 alone on the shipped `out/model`, swap in the new `out/sae`, update the manifest.
+
+    Only the `sae_*` settings of `recipe` may differ from the recorded recipe: anything else would
+    have made another model, and the SAE must be the one `make demo-model` makes with this recipe.
+    """
+    out = Path(out)
+    record = verify_manifest(out)
+    recorded = record["recipe"]
+    wanted = json.loads(json.dumps(recipe.to_dict()))
+    changed = sorted(
+        name for name in wanted if wanted[name] != recorded.get(name) and not name.startswith("sae_")
+    )
+    if changed:
+        raise ManifestError(
+            f"recipe.{changed[0]}: differs from {out / 'MANIFEST.json'}; only sae_* may change"
+        )
+    previous_threads = torch.get_num_threads()
+    make_deterministic(recipe)
+    started = time.perf_counter()
+    try:
+        figures = _train_and_ship_sae(out, recipe, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    seconds = round(time.perf_counter() - started, 1)
+    record = {key: value for key, value in record.items() if key not in ("files", "total_bytes")}
+    record["recipe"] = wanted
+    record["sae"] = figures
+    record["sae_rebuild"] = {
+        "command": SAE_COMMAND,
+        "seconds": seconds,
+        "load_average_end": round(os.getloadavg()[0], 2),
+    }
+    write_manifest(out, record)
+    return record
+
+
+def _train_and_ship_sae(out: Path, recipe: Recipe, progress: bool) -> dict:
+    """Stage 4 on `out/model` into `out/sae`; returns its held-out figures for the manifest."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".sae-work-") as work:
+        trained = train_demo_sae(out / "model", Path(work), recipe, progress)
+        metrics = load_sae(trained).cfg.metrics
+        write_folder(out / "sae", lambda staging: _copy_files(trained, staging))
+    return {"held_out": HOLDOUT, **{name: metrics[name] for name in SAE_FIGURES}}
+
+
 def _copy_files(source: Path, staging: Path) -> None:
     for path in source.iterdir():
         shutil.copy2(path, staging / path.name)
-
-
-def replace_dir(target: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a sibling staging folder, then swap it in: `target` is always the old or the new whole folder."""
-    tag = uuid.uuid4().hex[:12]
-    staging, retired = (
-        target.parent / f".{target.name}.tmp-{tag}",
-        target.parent / f".{target.name}.old-{tag}",
-    )
-    staging.mkdir(parents=True)
-    try:
-        fill(staging)
-        if target.exists():
-            os.rename(target, retired)
-        os.rename(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
