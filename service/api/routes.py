@@ -189,7 +189,6 @@ def _error_body(error: APIError) -> dict:
 
 def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
     limits = settings.limits
-    Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
     app = FastAPI(
         title="vlm-steer",
         version="0.2.0",
