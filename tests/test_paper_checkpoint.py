@@ -28,6 +28,7 @@ from service.serve_cli import run_app, wait_ready
 from tests import activations_fixtures as fx
 from tests.ray_app import local_serve
 from tests.service_fixtures import data_url, noise_image
+from tests.test_evaluation_steering import clip_dir  # noqa: F401 (a CLIP with a text tower, as a fixture)
 
 pytest.importorskip("dictionary_learning", reason="dictionary-learning is not installed (pip install -e '.[dev]')")
 from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
@@ -193,6 +194,29 @@ def test_evaluate_commands(release: Path, eval_world: dict[str, Path], tmp_path:
         assert result.exit_code == 0, result.output
         levels = json.loads((tmp_path / "tax.json").read_text())["levels"]
         assert [level["n_latents"] for level in levels] == [16, 48]
+
+
+def test_evaluate_steering_command(release: Path, tiny_llava_dir: Path, clip_dir: Path,  # noqa: F811 (fixture)
+                                   tmp_path: Path) -> None:
+    """`evaluate ms` on the tiny LLaVA's tower gives the top images, then `evaluate steering` pins the
+    paper checkpoint's latents inside that LLaVA: the layer comes from --layer on both."""
+    sae = str(release / CHECKPOINTS["batchtopk step file"])
+    write_folder(tmp_path / "images", 8, seed=3)
+    write_folder(tmp_path / "probes", 1, seed=4)
+    result = runner.invoke(app, ["evaluate", "ms", "--out", str(tmp_path / "ms.json"), "--sae", sae, "--model",
+                                 str(tiny_llava_dir), "--images", str(tmp_path / "images"), "--embedder",
+                                 f"clip:{clip_dir}", "--device", "cpu", "--layer", str(LAYER)])
+    assert result.exit_code == 0, result.output
+    steering = ["evaluate", "steering", "--encoded", str(tmp_path / "ms-encoded"), "--clip", f"clip:{clip_dir}",
+                "--model", str(tiny_llava_dir), "--sae", sae, "--probe-images", str(tmp_path / "probes"),
+                "--latents", "0,1", "--top-k", "2", "--out", str(tmp_path / "steer.json"), "--device", "cpu"]
+    missing = runner.invoke(app, steering)
+    assert missing.exit_code == 2 and "--layer" in missing.output, missing.output
+    assert len(missing.output.strip().splitlines()) == 1, missing.output
+    result = runner.invoke(app, [*steering, "--layer", str(LAYER)])
+    assert result.exit_code == 0, result.output
+    body = json.loads((tmp_path / "steer.json").read_text())
+    assert [latent["latent"] for latent in body["latents"]] == [0, 1] and body["steered"]["n"] == 2
 
 
 def _serve_config(tmp_path: Path, model: Path, sae: Path, layer: int | None) -> Path:
