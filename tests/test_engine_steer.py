@@ -78,6 +78,11 @@ def test_streamed_deltas_add_up_to_the_answer_and_short_jobs_finish_first(engine
             assert recorder.text(i, output.type) == output.text
     done = [e[1] for e in recorder.events if e[0] == "done"]
     assert done == [1, 0], "the 2-token job must be answered before the 12-token one ends"
+    refused = Recorder()
+    engine.steer([job(0, max_tokens=8), job(1, SteerSpec(OVERFLOW)), job(2, SteerSpec(sae_id="nope"))], refused)
+    assert [e[1] for e in refused.events if e[0] == "done"][:2] == [2, 1], "refusals come before any generation"
+    assert refused.events.index(next(e for e in refused.events if e[1] == 1)) < \
+        refused.events.index(next(e for e in refused.events if e[0] == "delta"))
     last_delta_of_long = max(n for n, e in enumerate(recorder.events) if e[0] == "delta" and e[1] == 0)
     assert recorder.events.index(("done", 1, outcomes[1])) < last_delta_of_long
 

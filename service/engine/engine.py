@@ -224,7 +224,8 @@ class SteeringEngine:
     def steer(self, jobs: list[SteerJob], listener: JobListener | None = None) -> list[SteerResult | JobError]:
         """Answers for a batch of jobs: one tower pass (per SAE), one generate call; one outcome per job.
 
-        With a listener, each job's text is reported as it is made and its outcome as soon as it is known."""
+        With a listener, each job's text is reported as it is made and its outcome as soon as it is known:
+        a job refused by its checks or by the edit bound hears so before the batch generates."""
         outcomes: list[SteerResult | JobError | None] = [None] * len(jobs)
         valid: dict[int, SteerJob] = {}
         for i, job in enumerate(jobs):
@@ -232,7 +233,7 @@ class SteeringEngine:
                 render_prompt(self.processor, job.conversation)
                 valid[i] = replace(job, spec=self.validate(job.spec))
             except Exception as err:  # noqa: BLE001 - one job's failure is that job's error alone
-                outcomes[i] = job_error(err)
+                self._fail(i, job_error(err), outcomes, listener)
         if valid:
             try:
                 self._steer_valid(valid, outcomes, listener)
@@ -240,11 +241,14 @@ class SteeringEngine:
                 failure = job_error(err)
                 for i in valid:
                     if outcomes[i] is None:
-                        outcomes[i] = failure
-        for i, outcome in enumerate(outcomes):
-            if listener is not None and (i not in valid or isinstance(outcome, JobError)):
-                listener.done(i, outcome)
+                        self._fail(i, failure, outcomes, listener)
         return outcomes
+
+    @staticmethod
+    def _fail(job: int, error: JobError, outcomes: list, listener: JobListener | None) -> None:
+        outcomes[job] = error
+        if listener is not None:
+            listener.done(job, error)
 
     def _steer_valid(self, valid: dict[int, SteerJob], outcomes: list, listener: JobListener | None) -> None:
         start = time.perf_counter()
@@ -254,7 +258,7 @@ class SteeringEngine:
         pending: dict[int, _Pending] = {}
         for i, embeds in zip(valid, embedded):
             if isinstance(embeds, JobError):
-                outcomes[i] = embeds
+                self._fail(i, embeds, outcomes, listener)
             else:
                 pending[i] = _Pending(valid[i], embeds, {Stage.PREPROCESS: preprocess_s, **embeds.timings_s}, {})
         keys: list[tuple[int, OutputType]] = []
