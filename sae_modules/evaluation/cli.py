@@ -22,13 +22,14 @@ from sae_modules.activations.errors import ExtractError
 from sae_modules.activations.images import FolderImages
 from sae_modules.activations.shards import ShardError
 from sae_modules.activations.towers import load_tower, resolve_device
-from sae_modules.atomic_file import write_atomic
+from sae_modules.atomic_file import atomic_write_bytes
 from sae_modules.evaluation.dictionary import write_dictionary
 from sae_modules.evaluation.embedders import load_embedder
 from sae_modules.evaluation.encode import POOLINGS, EncodedDir, encode_images
 from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.latent_summary import summarize_latents
 from sae_modules.evaluation.monosemanticity import monosemanticity, ms_report
+from sae_modules.evaluation.paper import PaperSettings, run_paper
 from sae_modules.evaluation.plots import histogram
 from sae_modules.evaluation.reconstruction import reconstruction_metrics
 from sae_modules.evaluation.report import evaluate_encoded, write_report
@@ -142,7 +143,7 @@ def ms(
                                           device=resolve_device(device))
         report = ms_report(scores, summary.n_images)
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, report.model_dump_json().encode())
+        atomic_write_bytes(out, report.model_dump_json().encode())
         if hist is not None:
             histogram(scores, hist, title="Monosemanticity score", xlabel="MS")
     except _ERRORS as err:
@@ -176,7 +177,7 @@ def taxonomy(
         rows = by_level(depths, scores, _group_sizes(group_sizes, sae))
         out.parent.mkdir(parents=True, exist_ok=True)
         body = {"depth": [None if math.isnan(d) else d for d in depths.tolist()], "levels": [r.model_dump() for r in rows]}
-        write_atomic(out, json.dumps(body).encode())
+        atomic_write_bytes(out, json.dumps(body).encode())
     except (*_ERRORS, OSError, KeyError, ValueError) as err:
         raise _fail(err) from None
     for row in rows:
@@ -296,13 +297,39 @@ def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
                                     value=value, probe_labels=labels,
                                     probe_embeddings=clip_embedder.embed(images, 0) if labels else None)
             out.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(out, result.model_dump_json(indent=1).encode())
+            atomic_write_bytes(out, result.model_dump_json(indent=1).encode())
         except _ERRORS as err:
             raise _fail(err) from None
         Console(stderr=True).print(f"steering score {result.steered.mean:.4f} (unsteered {result.unsteered.mean:.4f}) "
                                    f"over {len(chosen)} latents x {result.n_images} images -> {out}")
 
     return steering
+
+
+def paper_command(make_answer: AnswerFactory) -> Callable[..., None]:
+    """The `paper` command, bound to a way of generating (as `steering_command`)."""
+
+    def paper(
+        out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, the images and encoded data.")],
+        images: Annotated[int, typer.Option(min=100, help="Fresh shapes-world images for MS, depth and top images.")] = 1000,
+        probes: Annotated[int, typer.Option(min=2, help="Probe images asked about with each latent pinned.")] = 24,
+        n_latents: Annotated[int, typer.Option(min=1, help="Latents steered (highest MS).")] = 10,
+        value: Annotated[float, typer.Option(help="Pin value (the paper's 100).")] = PAPER_VALUE,
+        device: DeviceOpt = "auto",
+    ) -> None:
+        """The paper's three findings in miniature on the shipped demo model, SAE and CLIP."""
+        settings = PaperSettings(images=images, probes=probes, latents=n_latents, value=value)
+        try:
+            report = run_paper(out, make_answer, settings, device=str(resolve_device(device)))
+        except _ERRORS as err:
+            raise _fail(err) from None
+        Console(stderr=True).print(
+            f"MS SAE {report.monosemanticity.sae.mean:.3f} vs neurons {report.monosemanticity.neurons.mean:.3f}; "
+            f"depth first/last level {report.hierarchy.depth_first_level} / {report.hierarchy.depth_last_level}; "
+            f"steering {report.steering.score.steered.mean:.3f} vs unsteered {report.steering.score.unsteered.mean:.3f} "
+            f"-> {out / 'report.md'}")
+
+    return paper
 
 
 def _latent_list(text: str | None, live: Tensor, n: int) -> list[int]:
