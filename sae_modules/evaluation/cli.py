@@ -29,7 +29,6 @@ from sae_modules.evaluation.encode import POOLINGS, EncodedDir, encode_images
 from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.latent_summary import summarize_latents
 from sae_modules.evaluation.monosemanticity import monosemanticity, ms_report
-from sae_modules.evaluation.paper import PaperSettings, run_paper
 from sae_modules.evaluation.plots import histogram
 from sae_modules.evaluation.reconstruction import reconstruction_metrics
 from sae_modules.evaluation.report import evaluate_encoded, write_report
@@ -304,32 +303,6 @@ def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
                                    f"over {len(chosen)} latents x {result.n_images} images -> {out}")
 
     return steering
-
-
-def paper_command(make_answer: AnswerFactory) -> Callable[..., None]:
-    """The `paper` command, bound to a way of generating (as `steering_command`)."""
-
-    def paper(
-        out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, the images and encoded data.")],
-        images: Annotated[int, typer.Option(min=100, help="Fresh shapes-world images for MS, depth and top images.")] = 1000,
-        probes: Annotated[int, typer.Option(min=2, help="Probe images asked about with each latent pinned.")] = 24,
-        n_latents: Annotated[int, typer.Option(min=1, help="Latents steered (highest MS).")] = 10,
-        value: Annotated[float, typer.Option(help="Pin value (the paper's 100).")] = PAPER_VALUE,
-        device: DeviceOpt = "auto",
-    ) -> None:
-        """The paper's three findings in miniature on the shipped demo model, SAE and CLIP."""
-        settings = PaperSettings(images=images, probes=probes, latents=n_latents, value=value)
-        try:
-            report = run_paper(out, make_answer, settings, device=str(resolve_device(device)))
-        except _ERRORS as err:
-            raise _fail(err) from None
-        Console(stderr=True).print(
-            f"MS SAE {report.monosemanticity.sae.mean:.3f} vs neurons {report.monosemanticity.neurons.mean:.3f}; "
-            f"depth first/last level {report.hierarchy.depth_first_level} / {report.hierarchy.depth_last_level}; "
-            f"steering {report.steering.score.steered.mean:.3f} vs unsteered {report.steering.score.unsteered.mean:.3f} "
-            f"-> {out / 'report.md'}")
-
-    return paper
 
 
 def _latent_list(text: str | None, live: Tensor, n: int) -> list[int]:
