@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from service.api.errors import APIError
-from service.api.images import SUPPORTED_FORMATS, decode_image, load_image, shrunk_size
+from service.api.images import SUPPORTED_FORMATS, decode_image, load_image, processor_short_side, shrunk_size
 from service.config import Limits
 from tests.service_fixtures import data_url, encoded, noise_image
 
@@ -112,3 +112,12 @@ def test_shrinking_first_leaves_the_clip_processor_output_unchanged(fmt: str) ->
     assert full.shape == shrunk.shape == (1, 3, 336, 336)
     tolerance = 0.02 if fmt == "PNG" else 0.05
     assert np.abs(full - shrunk).mean() < tolerance
+
+
+def test_the_short_side_comes_from_the_models_image_processor(tiny_llava_dir) -> None:
+    from transformers import AutoProcessor
+
+    assert processor_short_side(AutoProcessor.from_pretrained(tiny_llava_dir).image_processor) == 56
+    assert processor_short_side(CLIPImageProcessor(size={"shortest_edge": 336})) == 336
+    assert processor_short_side(CLIPImageProcessor(size={"height": 224, "width": 300}, do_center_crop=False)) == 300
+    assert processor_short_side(CLIPImageProcessor(do_resize=False)) is None

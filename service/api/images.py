@@ -16,6 +16,7 @@ import binascii
 import io
 import re
 import struct
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -80,6 +81,22 @@ def shrunk_size(size: tuple[int, int], target_short_side: int) -> tuple[int, int
     short, long = min(width, height), max(width, height)
     other = int(target_short_side * long / short)
     return (target_short_side, other) if width <= height else (other, target_short_side)
+
+
+def processor_short_side(image_processor: Any) -> int | None:
+    """The short side a Hugging Face image processor resizes to: what `target_short_side` should be.
+
+    `size["shortest_edge"]` (CLIP, LLaVA-1.5), or the larger side of a fixed `height` x `width`
+    resize (shrinking the short side to it keeps both sides at least as large as the resize's);
+    None when the processor does not resize or says nothing usable (then nothing is shrunk)."""
+    if not getattr(image_processor, "do_resize", False):
+        return None
+    size = getattr(image_processor, "size", None) or {}
+    if size.get("shortest_edge"):
+        return int(size["shortest_edge"])
+    if size.get("height") and size.get("width"):
+        return int(max(size["height"], size["width"]))
+    return None
 
 
 def decode_image(
