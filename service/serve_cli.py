@@ -123,10 +123,16 @@ def drain(app_name: str, timeout_s: float) -> bool:
 
     Deleting the app alone is not enough: Serve stops all its deployments at once, so a request
     still at the ingress (say, uploading its body) would find the model deployment gone."""
+    import ray
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if in_flight(app_name) == 0:
-            return True
+        try:
+            if in_flight(app_name) == 0:
+                return True
+        except (ray.exceptions.RayError, ValueError) as exc:
+            typer.echo(f"cannot count in-flight requests ({type(exc).__name__}); stopping without waiting", err=True)
+            return False
         time.sleep(0.2)
     return False
 
