@@ -158,7 +158,7 @@ def _conversation(messages: list[schemas.ChatMessage], limits: Limits,
         for p, part in enumerate(_content_parts(message, m, limits)):
             if isinstance(part, schemas.TextPart):
                 chars += len(part.text)
-                where = f"messages.{m}.content" if isinstance(message.content, str) else f"messages.{m}.content.{p}.text"
+                where = f"messages.{m}.content" + ("" if isinstance(message.content, str) else f".{p}.text")
                 checker.refuse_image_token(part.text, where)
                 content.append({"type": "text", "text": part.text})
             else:

@@ -31,7 +31,8 @@ class _Request(BaseModel):
 
 
 class SamplingFields(_Request):
-    max_tokens: PositiveInt | None = Field(None, description="Tokens to generate; default 64 (or the configured limit if lower).")
+    max_tokens: PositiveInt | None = Field(
+        None, description="Tokens to generate; default 64 (or the configured limit if lower).")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
