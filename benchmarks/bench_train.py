@@ -411,8 +411,8 @@ def run_distribution(name: str, size: BenchSize, device: torch.device) -> list[d
             sparsify_topk(size, init, "adam"),
         ]
         race(runners, source, size.steps, device)
-        by_name = {r.name: r for r in runners}
-        sparsify_seconds = by_name["sparsify TopK signum"].seconds
+        sparsify_seconds = next(r.seconds for r in runners if r.name == "sparsify TopK signum")
+        group_start = len(rows)
         for runner in runners:
             if runner.name.startswith("sparsify") and arch != "topk":
                 continue  # sparsify only trains TopK; its rows appear once per distribution
@@ -426,7 +426,43 @@ def run_distribution(name: str, size: BenchSize, device: torch.device) -> list[d
                     "fvu": heldout_fvu(runner, heldout),
                 }
             )
-        print(markdown(rows[-len(runners) :]), flush=True)
+        print(markdown(rows[group_start:]), flush=True)
+    return rows
+
+
+#: Pre-activation matrices for the selection race: what training throws at the batch top-k.
+SELECTION_INPUTS: dict[str, Callable[[int, int, torch.Generator], Tensor]] = {
+    "gaussian": lambda b, n, g: torch.randn(b, n, generator=g),
+    "8 rows dominate": lambda b, n, g: torch.randn(b, n, generator=g) + 6 * (torch.arange(b) < 8)[:, None],
+    "row norms 1-1000x": lambda b, n, g: torch.randn(b, n, generator=g) * torch.logspace(0, 3, b)[:, None],
+    "heavy tails (t, 1.5 dof)": lambda b, n, g: (
+        torch.randn(b, n, generator=g)
+        / (torch.randn(b, n, generator=g).pow(2) + torch.randn(b, n, generator=g).pow(2)).div(2).pow(0.75)
+    ),
+    "mature θ (mostly < 0)": lambda b, n, g: torch.randn(b, n, generator=g) - 4,
+    "many ties (5 values)": lambda b, n, g: torch.randint(0, 5, (b, n), generator=g).float(),
+}
+
+
+def selection_race(size: BenchSize, repeats: int = 5) -> list[dict[str, float | str]]:
+    """Batch top-k selection time over per-row top-k time on the same matrix, interleaved; median ratio."""
+    from sae_modules.saes.sparse_ops import batch_topk_selection, topk_selection
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for name, make in SELECTION_INPUTS.items():
+        pre = make(size.batch, size.n_latents, g).contiguous()
+        mask = torch.empty(pre.numel(), dtype=torch.bool)
+        ratios = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            topk_selection(pre, size.k)
+            per_row = time.perf_counter() - start
+            start = time.perf_counter()
+            batch_topk_selection(pre, size.k, mask_out=mask)
+            ratios.append((time.perf_counter() - start) / per_row)
+        ratios = sorted(ratios[1:])
+        rows.append({"input": name, "median": ratios[len(ratios) // 2], "low": ratios[0], "high": ratios[-1]})
     return rows
 
 
@@ -455,7 +491,11 @@ def main() -> None:
         f"(adam {size.lr('adam'):.2e}, signum {size.lr('signum'):.2e})",
         flush=True,
     )
-    rows = [row for name in names for row in run_distribution(name, size, device)]
+    print(f"batch top-k selection / per-row top-k, [{size.batch}, {size.n_latents}], k={size.k}")
+    print("| pre-activations | median | range |\n|---|---:|---:|")
+    for r in selection_race(size):
+        print(f"| {r['input']} | {r['median']:.2f}× | {r['low']:.2f}–{r['high']:.2f}× |", flush=True)
+    rows = [row for name in names if name for row in run_distribution(name, size, device)]
     print(markdown(rows))
 
 
