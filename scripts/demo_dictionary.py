@@ -6,7 +6,7 @@ Exactly what a user does for their own SAE, with the product's jobs: fresh shape
 (a seed no training stage used) -> `extract` at the SAE's block with the tokens it was trained on
 -> `write_dictionary` (the code behind `vlm-steer evaluate stats`) with the demo CLIP and the
 shapes vocabulary. The work folder `out/demo-dictionary/` keeps the images (the statistics'
-`images_root`), so the top images can be looked at. Then the demo MANIFEST.json's entries for the
+`images_root`, so the top images can be looked at); the activations are extracted afresh each run. Then the demo MANIFEST.json's entries for the
 written files are refreshed (the manifest lists every shipped file). Run it again whenever the demo
 SAE changes: `tests/test_latent_labels.py` fails while the shipped statistics describe another SAE.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -54,14 +55,17 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=IMAGES, help="held-out images to measure on")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    images, shards = args.work / "images", args.work / f"activations-{args.images}"
+    images = args.work / "images"
     if not images.is_dir() or sum(1 for _ in images.rglob("*.png")) != args.images:
         write_folder(images, args.images, seed=SEED)
     source = load_sae(DEMO_SAE_DIR).cfg.source
     plan = ExtractionPlan(model=str(DEMO_MODEL_DIR), layer=source.layer, tokens=TokenSelection.parse(source.tokens),
                           batch_size=64)
-    run_extraction(load_tower(str(DEMO_MODEL_DIR), device="cpu"), FolderImages(images), shards, plan, progress=False)
-    result = write_dictionary(DEMO_SAE_DIR, shards, images=images, clip=f"clip:{DEMO_CLIP_DIR}", vocabulary="shapes")
+    with tempfile.TemporaryDirectory(dir=args.work) as shards:   # always fresh: the model may have been rebuilt
+        run_extraction(load_tower(str(DEMO_MODEL_DIR), device="cpu"), FolderImages(images), shards, plan,
+                       progress=False)
+        result = write_dictionary(DEMO_SAE_DIR, shards, images=images, clip=f"clip:{DEMO_CLIP_DIR}",
+                                  vocabulary="shapes")
     refresh_manifest(result.files)
     print(f"{int(result.stats.live.sum())} live latents over {result.stats.info.n_vectors} vectors, "
           f"{len(result.labels.labels)} labelled -> {', '.join(map(str, result.files))}")

@@ -25,8 +25,8 @@ from service.api.errors import APIError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIN = {"value": 3.0, "unit": "max"}
-"""The relative pin the README documents and the playground starts from (3 x the latent's max activation)."""
+DEFAULT_PIN = {"value": 5.0, "unit": "max"}
+"""The relative pin the README documents and the playground starts from (5 x the latent's max activation)."""
 Order = Literal["max", "score", "frequency"]
 
 
