@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     IPvAnyNetwork,
     NonNegativeInt,
     PositiveFloat,
@@ -121,6 +122,9 @@ class Limits(BaseModel):
         default_factory=list, description="Hosts images may come from (`*.example.com`: subdomains); []: any."
     )
     remote_image_max_redirects: NonNegativeInt = 3
+    remote_image_ca_file: FilePath | None = Field(
+        None, description="PEM CA bundle https image URLs are verified with; None: certifi's public CAs."
+    )
     remote_image_allowed_networks: list[IPvAnyNetwork] = Field(
         default_factory=list,
         description="UNSAFE: non-public networks images may come from anyway (tests, a trusted intranet).",

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -219,3 +220,38 @@ def test_the_checked_address_is_the_one_connected_to(base: str, server: Server, 
     assert fetch_image(f"http://localhost:{port}/img.png", limits) == PNG
     assert lookups.count("localhost") == 1
     assert server.seen[-1] == ("/img.png", f"localhost:{port}")
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    """The same server over HTTPS with a certificate for the name `localhost` only, from a throwaway CA."""
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    ca_file = tmp_path_factory.mktemp("tls") / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(context)
+    httpd = Server(("127.0.0.1", 0), Handler)
+    httpd.seen = []
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd, ca_file
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_is_verified_against_the_name_while_connecting_to_the_checked_ip(tls_server) -> None:
+    httpd, ca_file = tls_server
+    port = httpd.server_address[1]
+    limits = _limits(remote_image_allowed_networks=["127.0.0.1/32", "::1/128"], remote_image_ca_file=ca_file)
+    assert fetch_image(f"https://localhost:{port}/img.png", limits) == PNG
+    assert httpd.seen[-1] == ("/img.png", f"localhost:{port}")
+    by_ip = _refused(f"https://127.0.0.1:{port}/img.png", limits)
+    assert by_ip.message == NOT_FETCHED, "the certificate names localhost, not 127.0.0.1"
+    public_cas = _limits(remote_image_allowed_networks=["127.0.0.1/32", "::1/128"])
+    assert _refused(f"https://localhost:{port}/img.png", public_cas).message == NOT_FETCHED, \
+        "certifi's CAs do not know the throwaway CA"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -113,6 +114,13 @@ def _pinned_request(client: httpx.Client, url: httpx.URL, ip: IPAddress, deadlin
                                          "Accept": "image/*"})
 
 
+def _tls(limits: Limits) -> ssl.SSLContext | bool:
+    """Certificates are always verified, against the URL's host name (not the pinned IP)."""
+    if limits.remote_image_ca_file is None:
+        return True
+    return ssl.create_default_context(cafile=str(limits.remote_image_ca_file))
+
+
 def _connect(client: httpx.Client, url: httpx.URL, addresses: list[IPAddress], deadline: float) -> httpx.Response:
     """The response from the first of the checked `addresses` that accepts a connection."""
     for ip in addresses:
@@ -146,7 +154,7 @@ def fetch_image(url: str, limits: Limits, param: str = "image") -> bytes:
     deadline = time.monotonic() + limits.remote_image_timeout_s
     current = _parse(url, param)
     try:
-        with httpx.Client(follow_redirects=False, trust_env=False) as client:
+        with httpx.Client(follow_redirects=False, trust_env=False, verify=_tls(limits)) as client:
             for _ in range(limits.remote_image_max_redirects + 1):
                 if not host_allowed(current.host, limits.remote_image_hosts):
                     raise APIError(400, f"image host {current.host!r} is not in the allowed image hosts", param)
