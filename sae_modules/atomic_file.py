@@ -136,7 +136,3 @@ def write_folder(final_dir: str | os.PathLike[str], fill: Callable[[Path], None]
     """Call `fill(staging)` to write the folder's contents, then swap it in with `replace_folder`."""
     with staged_folder(final_dir) as staging:
         fill(staging)
-
-
-#: The name callers used before `atomic_write_bytes`; kept while sae_modules.train still imports it.
-write_atomic = atomic_write_bytes

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from sae_modules.formats.atomic import sha256_file
+from sae_modules.atomic_file import atomic_write_json, sha256_file
 
 MANIFEST_NAME = "MANIFEST.json"
 
@@ -29,9 +28,7 @@ def write_manifest(root: Path, record: dict) -> Path:
     files = file_hashes(root)
     body = {**record, "files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
     target = root / MANIFEST_NAME
-    temporary = target.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(body, indent=2) + "\n")
-    os.replace(temporary, target)
+    atomic_write_json(target, body)
     return target
 
 

@@ -22,9 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae_modules.atomic_file import write_atomic
+from sae_modules.atomic_file import atomic_write_bytes, write_folder
 from sae_modules.formats import CheckpointError
-from sae_modules.formats.atomic import write_checkpoint_dir
 from sae_modules.saes.base import SAEConfig
 from sae_modules.train.config import TrainConfig
 
@@ -135,8 +134,8 @@ def save_checkpoint(
         export_sae(staging / SAE_DIR)
 
     shutil.rmtree(root / name, ignore_errors=True)  # a newer-than-latest leftover of a killed run
-    write_checkpoint_dir(root / name, fill)
-    write_atomic(root / LATEST, name.encode())
+    write_folder(root / name, fill)
+    atomic_write_bytes(root / LATEST, name.encode())
     _prune(root, keep=config.keep_checkpoints, newest=state.step)
     return root / name
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae_modules.activations.shards import ShardError, ShardManifest, read_manifest
-from sae_modules.atomic_file import write_atomic
+from sae_modules.atomic_file import atomic_write_bytes
 from sae_modules.formats import CheckpointError, save_sae
 from sae_modules.metrics import ReconstructionMetrics
 from sae_modules.saes import BatchTopKSAE, build_sae, group_sizes_from_fractions
@@ -280,7 +280,7 @@ def _rewrite_log(path: Path, upto_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # the half-written last line of a killed run
-    write_atomic(path, "".join(line + "\n" for line in kept).encode())
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 def _start_or_restore(
