@@ -38,6 +38,9 @@ class FirstText:
     def __init__(self) -> None:
         self.at: float | None = None
 
+    def streams(self, index: int) -> bool:
+        return True
+
     def delta(self, index: int, text: str) -> None:
         self.at = self.at or time.perf_counter()
 

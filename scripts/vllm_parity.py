@@ -59,6 +59,9 @@ class Listener:
         self.cancel = cancel
         self.first_delta = threading.Event()
 
+    def streams(self, index: int) -> bool:
+        return True
+
     def delta(self, index: int, text: str) -> None:
         self.texts[index] = self.texts.get(index, "") + text
         self.first_delta.set()

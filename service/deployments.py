@@ -74,9 +74,11 @@ class _TicketListener:
     def __init__(self, tickets: list[_Ticket]) -> None:
         self.tickets = tickets
 
+    def streams(self, job: int) -> bool:
+        return self.tickets[job].stream
+
     def delta(self, job: int, kind: OutputType, text: str) -> None:
-        if self.tickets[job].stream:
-            self.tickets[job].put(TextDelta(kind, text))
+        self.tickets[job].put(TextDelta(kind, text))
 
     def done(self, job: int, outcome: SteerResult | JobError) -> None:
         self.tickets[job].put(outcome)

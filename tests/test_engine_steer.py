@@ -37,9 +37,13 @@ def job(seed: int, spec: SteerSpec | None = None, max_tokens: int = 6, prompt: s
 class Recorder:
     """A JobListener that keeps every event in order, and cancels the jobs it is told to."""
 
-    def __init__(self, cancel: frozenset[int] = frozenset()) -> None:
+    def __init__(self, cancel: frozenset[int] = frozenset(), stream: bool = True) -> None:
         self.events: list[tuple] = []
         self.cancel = cancel
+        self.stream = stream
+
+    def streams(self, job: int) -> bool:
+        return self.stream
 
     def delta(self, job: int, kind: str, text: str) -> None:
         self.events.append(("delta", job, kind, text))
@@ -78,6 +82,9 @@ def test_streamed_deltas_add_up_to_the_answer_and_short_jobs_finish_first(engine
             assert recorder.text(i, output.type) == output.text
     done = [e[1] for e in recorder.events if e[0] == "done"]
     assert done == [1, 0], "the 2-token job must be answered before the 12-token one ends"
+    quiet = Recorder(stream=False)
+    assert [o.outputs for o in engine.steer(jobs, quiet)] == [o.outputs for o in outcomes]
+    assert [e[0] for e in quiet.events] == ["done", "done"], "a job not streamed hears only its outcome"
     refused = Recorder()
     engine.steer([job(0, max_tokens=8), job(1, SteerSpec(OVERFLOW)), job(2, SteerSpec(sae_id="nope"))], refused)
     assert [e[1] for e in refused.events if e[0] == "done"][:2] == [2, 1], "refusals come before any generation"

@@ -91,6 +91,9 @@ class _Fanout:
         self.outcomes = outcomes
         self.ranks = {job: rank for rank, job in enumerate(pending)}
 
+    def streams(self, index: int) -> bool:
+        return self.listener is not None and self.listener.streams(self.keys[index][0])
+
     def delta(self, index: int, text: str) -> None:
         job, kind = self.keys[index]
         if self.listener is not None:

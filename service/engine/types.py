@@ -267,7 +267,10 @@ class GenerationOutput:
 class GenerationListener(Protocol):
     """Hears a generation as it happens, per request index: text as it is made, each request's end.
 
-    `cancelled` is polled between tokens: a request whose client left stops there and frees its slot."""
+    `streams` says whose text is wanted as it is made (decoding every step costs); `cancelled` is
+    polled between tokens: a request whose client left stops there and frees its slot."""
+
+    def streams(self, index: int) -> bool: ...
 
     def delta(self, index: int, text: str) -> None: ...
 
@@ -279,6 +282,8 @@ class GenerationListener(Protocol):
 class JobListener(Protocol):
     """Hears a batch of steering jobs, per job index: answer text as it is made, then the job's outcome
     the moment it is known (before the rest of the batch finishes); `cancelled` stops a job early."""
+
+    def streams(self, job: int) -> bool: ...
 
     def delta(self, job: int, kind: OutputType, text: str) -> None: ...
 

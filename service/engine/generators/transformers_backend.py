@@ -81,7 +81,8 @@ class RowTracker(StoppingCriteria):
             self._finish(row, "stop", counted=len(row.tokens) + 1)
             return
         row.tokens.append(token)
-        text = self._decode(row.tokens)
+        streams = self.listener is not None and self.listener.streams(row.index)
+        text = self._decode(row.tokens) if streams or row.params.stop else ""  # decoding every step costs
         cut = find_stop(text, row.params.stop)
         if cut is not None:
             self._finish(row, "stop", counted=len(row.tokens), text=text[:cut])
@@ -89,12 +90,10 @@ class RowTracker(StoppingCriteria):
             self._finish(row, "length", counted=len(row.tokens))
         elif self.listener is not None and self.listener.cancelled(row.index):
             self._finish(row, "stop", counted=len(row.tokens))
-        else:
+        elif streams:
             self._show(row, text)
 
     def _show(self, row: _Row, text: str) -> None:
-        if self.listener is None:
-            return
         safe = shown_prefix(text, row.params.stop)
         if len(safe) > len(row.shown) and safe.startswith(row.shown):
             self.listener.delta(row.index, safe[len(row.shown):])
@@ -105,8 +104,9 @@ class RowTracker(StoppingCriteria):
         row.output = GenerationOutput(text=text, finish_reason=reason, prompt_tokens=row.prompt_tokens,
                                       completion_tokens=counted, seconds=time.perf_counter() - self.start)
         if self.listener is not None:
-            if text.startswith(row.shown) and len(text) > len(row.shown):
-                self.listener.delta(row.index, text[len(row.shown):])
+            rest = text[len(row.shown):] if text.startswith(row.shown) else ""
+            if rest and self.listener.streams(row.index):
+                self.listener.delta(row.index, rest)
             self.listener.finished(row.index, row.output)
 
     def end(self) -> list[GenerationOutput]:

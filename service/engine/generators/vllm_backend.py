@@ -87,6 +87,8 @@ class AsyncVLLMGenerator:
             if listener.cancelled(index):
                 await self.engine.abort(request_id)
                 break
+            if not listener.streams(index):
+                continue
             safe = shown_prefix(self.decode(list(output.outputs[0].token_ids), stops), stops)
             if len(safe) > len(shown) and safe.startswith(shown):
                 listener.delta(index, safe[len(shown):])
@@ -101,8 +103,9 @@ class AsyncVLLMGenerator:
             seconds=time.perf_counter() - start,
         )
         if listener is not None:
-            if text.startswith(shown) and len(text) > len(shown):
-                listener.delta(index, text[len(shown):])
+            rest = text[len(shown):] if text.startswith(shown) else ""
+            if rest and listener.streams(index):
+                listener.delta(index, rest)
             listener.finished(index, result)
         return result
 
