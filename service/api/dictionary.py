@@ -22,6 +22,8 @@ from sae_modules.evaluation.latent_labels import LatentLabel, LatentLabels, Voca
 from sae_modules.evaluation.latent_stats import LatentStats, check_fresh, load_latent_stats, resolve_units
 from sae_modules.intervention_spec import Intervention
 from service.api.errors import APIError
+from service.assets import resolve_checkpoints
+from service.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,16 @@ def load_dictionaries(sae_dirs: Mapping[str, str]) -> Dictionaries:
             log.warning("SAE %s: latent statistics without labels: %s", sae_id, err)
         loaded[sae_id] = SAEDictionary(stats, labels)
     return Dictionaries(loaded, missing)
+
+
+def registry_dictionaries(settings: ServiceSettings) -> Dictionaries:
+    """The dictionaries of the SAEs the service serves (the registry's, or the demo's)."""
+    try:
+        saes = resolve_checkpoints(settings).saes
+    except ValueError as err:  # a registry the model replicas refuse too; the ingress still starts and says so
+        log.warning("no latent dictionaries: %s", err)
+        return Dictionaries({}, {})
+    return load_dictionaries(saes)
 
 
 def resolve_interventions(interventions: Sequence[Intervention], dictionaries: Dictionaries, sae_id: str,

@@ -24,6 +24,12 @@ from starlette.concurrency import run_in_threadpool
 
 from sae_modules.intervention_spec import Intervention
 from service.api import schemas
+from service.api.dictionary import (
+    Dictionaries,
+    dictionary_router,
+    registry_dictionaries,
+    resolve_interventions,
+)
 from service.api.errors import APIError, error_type, install_error_handlers
 from service.api.guard import Guard
 from service.api.images import load_image
@@ -76,13 +82,16 @@ class Backend(Protocol):
 
 
 def _check_interventions(interventions: list[Intervention], info: ServingInfo, sae_id: str, limits: Limits,
-                         where: str) -> None:
+                         where: str, dictionaries: Dictionaries) -> list[Intervention]:
+    """The interventions with relative values resolved to raw ones (latent dictionary), each checked."""
     if len(interventions) > limits.max_interventions:
         raise APIError(422, f"{len(interventions)} interventions exceed the limit {limits.max_interventions}",
                        where.rstrip("."))
+    interventions = resolve_interventions(interventions, dictionaries, sae_id, where)
     sae = info.sae(sae_id)
     for i, intervention in enumerate(interventions):
         intervention.check_against(sae.n_latents, info.n_tokens, limits.value_bound, where=f"{where}{i}.")
+    return interventions
 
 
 def _resolve_sae(info: ServingInfo, sae_id: str | None, param: str) -> str:
@@ -200,6 +209,8 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(Guard, limits=limits, api_keys=[key.get_secret_value() for key in settings.api_keys])
     mount_ui(app, settings.ui_examples_dir, settings.report_dir)
+    dictionaries = registry_dictionaries(settings)
+    app.include_router(dictionary_router(dictionaries, limits.max_top_k))
     checkers: dict[str, PromptChecker] = {}
     loading = asyncio.Lock()  # one load: concurrent first imports of transformers' lazy modules can fail
 
@@ -276,12 +287,13 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
         info, checker = await served()
         checker.refuse_image_token(request.prompt, "prompt")
         sae_id = _resolve_sae(info, request.sae, "sae")
-        _check_interventions(request.interventions, info, sae_id, limits, "interventions.")
+        interventions = _check_interventions(request.interventions, info, sae_id, limits, "interventions.",
+                                             dictionaries)
         params = _sampling(request, request.max_tokens, limits, [])
         conversation = user_turn(request.prompt)
         check_context(info, checker, conversation, params, "max_tokens")
         image, decode_s = await decode(request.image, "image")
-        spec = SteerSpec(interventions=request.interventions, sae_id=sae_id, use_error_term=request.use_error_term,
+        spec = SteerSpec(interventions=interventions, sae_id=sae_id, use_error_term=request.use_error_term,
                          pre_zero=request.pre_zero, want_steered="STEERED" in request.types,
                          want_default="DEFAULT" in request.types)
         INTERVENTIONS.observe(len(request.interventions))
@@ -290,6 +302,7 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
 
         def response(result: SteerResult) -> schemas.SteerResponse:
             return schemas.SteerResponse(id=ident, created=created, model=info.model_id, sae=sae_id,
+                                         interventions=interventions,
                                          outputs=[result.output(kind) for kind in request.types],
                                          metrics=_metrics(result, decode_s))
 
@@ -331,8 +344,9 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
         steering = request.steering
         if steering is not None:
             sae_id = _resolve_sae(info, steering.sae, "steering.sae")
-            _check_interventions(steering.interventions, info, sae_id, limits, "steering.interventions.")
-            spec = SteerSpec(interventions=steering.interventions, sae_id=sae_id,
+            interventions = _check_interventions(steering.interventions, info, sae_id, limits,
+                                                 "steering.interventions.", dictionaries)
+            spec = SteerSpec(interventions=interventions, sae_id=sae_id,
                              use_error_term=steering.use_error_term, pre_zero=steering.pre_zero)
             INTERVENTIONS.observe(len(steering.interventions))
         else:

@@ -70,6 +70,8 @@ class SteerResponse(BaseModel):
     created: int
     model: str
     sae: str
+    interventions: list[Intervention] = Field(
+        default_factory=list, description="The edits applied: relative values (unit max, mean, p99) resolved to raw.")
     outputs: list[SteerOutput]
     metrics: SteerMetrics
 

@@ -142,6 +142,7 @@ function addIntervention(spec = {}) {
   row.querySelector(".latent").value = spec.latent ?? 0;
   row.querySelector(".mode").value = spec.mode ?? "pin";
   row.querySelector(".tokens").value = spec.tokens ?? "all";
+  row.querySelector(".unit").value = spec.unit ?? "raw";
   const bound = Math.max(50, Math.ceil(Math.abs(value) * 2));
   slider.min = -bound;
   slider.max = bound;
@@ -151,6 +152,7 @@ function addIntervention(spec = {}) {
   number.addEventListener("input", () => { slider.value = number.value; });
   row.querySelector(".remove").addEventListener("click", () => row.remove());
   $("#interventions").append(row);
+  watchInterventionRow(row);  // dictionary.js: slider range from the latent's statistics
 }
 
 function interventions() {
@@ -158,6 +160,7 @@ function interventions() {
     latent: Number(row.querySelector(".latent").value),
     mode: row.querySelector(".mode").value,
     value: Number(row.querySelector(".value").value),
+    ...(row.querySelector(".unit").value === "raw" ? {} : { unit: row.querySelector(".unit").value }),
     tokens: row.querySelector(".tokens").value,
   }));
 }
@@ -193,6 +196,7 @@ async function refreshLatents() {
       }
       list.append(li);
     }
+    await labelEncodedLatents(list);  // dictionary.js: each latent's label
   } catch (e) {
     $("#latents-hint").textContent = e.message;
   }
