@@ -7,7 +7,7 @@ PORT ?= 8000
 # torch and torchvision versions proven together with open_clip (see docs/DESIGN notes in README).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast bench serve demo-model demo-dictionary test-vllm load chromium promtool image
+.PHONY: install test test-fast bench serve demo-model demo-dictionary test-vllm load chromium promtool image paper
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ demo-model: $(STAMP)
 # The demo SAE's latent dictionary (statistics + labels beside it, from held-out images); rerun after demo-model.
 demo-dictionary: $(STAMP)
 	$(PY) scripts/demo_dictionary.py
+
+# The paper's three findings in miniature on the shipped demo model, SAE and CLIP: out/paper/report.md (about 2 min).
+paper: $(STAMP)
+	$(VENV)/bin/vlm-steer evaluate paper --out out/paper --device cpu
 
 # Starts Ray Serve on 127.0.0.1:$(PORT) with the demo model (or CONFIG=settings.yaml), waits until ready, prints a curl example.
 serve: $(STAMP)

@@ -131,7 +131,7 @@ def shapes_headline(n_images: int = 2000, seed: int = 7) -> None:
     from sae_modules.evaluation.encode import encode_images
     from sae_modules.evaluation.report import evaluate_encoded
     from sae_modules.formats.detect import load_sae
-    from sae_modules.shapes.taxonomy import label_path
+    from sae_modules.shapes.label_tree import label_path
     from sae_modules.shapes.world import COLOURS, SHAPES, write_folder
 
     if not (Path(shapes.DEMO_MODEL_DIR).exists() and Path(shapes.DEMO_SAE_DIR).exists()):

@@ -6,7 +6,7 @@ import typer
 
 from sae_modules.activations.cli import extract
 from sae_modules.evaluation.cli import app as evaluate_app
-from sae_modules.evaluation.cli import steering_command
+from sae_modules.evaluation.cli import paper_command, steering_command
 from sae_modules.formats.cli import export
 from sae_modules.train.cli import train
 from service.engine.cli import steer
@@ -20,6 +20,7 @@ app.command(help="Write an SAE checkpoint in another library's layout.")(export)
 app.command(help="Generate with SAE latents clamped inside the vision tower.")(steer)
 app.command(help="Start the HTTP service (Ray Serve).")(serve)
 evaluate_app.command("steering")(steering_command(engine_answerer))
+evaluate_app.command("paper")(paper_command(engine_answerer))
 app.add_typer(evaluate_app, name="evaluate", help="Measure SAEs: reconstruction, monosemanticity, taxonomy, steering.")
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from sae_modules.formats.detect import load_sae
 from sae_modules.formats.native import save_sae
 from sae_modules.saes import build_sae
 from sae_modules.saes.base import SAEConfig, SourceInfo
-from sae_modules.shapes.taxonomy import label_path
+from sae_modules.shapes.label_tree import label_path
 from sae_modules.shapes.world import write_folder
 from tests import activations_fixtures as fx
 from tests.test_ms import pairwise_ms
@@ -62,15 +62,16 @@ def test_report_chain_matches_independent_computation(setup, tmp_path):
                      "--top-k", "4", "--device", "cpu", "--service-url", "http://localhost:8000")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["n_images"] == N_IMAGES and report["n_latents"] == 48 and report["pooling"] == "mean"
+    # The paper's MS tables use the CLS token: the default pooling.
+    assert report["n_images"] == N_IMAGES and report["n_latents"] == 48 and report["pooling"] == "cls"
     assert [(lvl["first_latent"], lvl["n_latents"]) for lvl in report["levels"]] == [(0, 16), (16, 32)]
 
-    # the encoded activations are the SAE latents of the tower's block output, averaged over tokens
+    # the encoded activations are the SAE latents of the tower's block output at the CLS token
     tower, sae = load_tower(str(setup["tower"]), device="cpu"), load_sae(setup["sae"])
     images = FolderImages(setup["images"])
     pixels = tower.preprocess([images.load(i) for i in range(N_IMAGES)])
     with torch.no_grad():
-        expected = sae.encode(tower.layer_output(pixels, 1)).mean(dim=1)
+        expected = sae.encode(tower.layer_output(pixels, 1))[:, 0]
     acts = torch.cat([load_file(f)["activations"] for f in sorted((out / "encoded").glob("activations-*"))])
     emb = load_file(out / "encoded" / "embeddings.safetensors")["embeddings"]
     assert torch.allclose(acts, expected, atol=1e-5)
@@ -103,9 +104,27 @@ def test_taxonomy_command_reuses_the_encoded_directory(setup, tmp_path):
     result = _invoke("taxonomy", "--encoded", encoded, "--out", tmp_path / "tax.json", "--taxonomy", setup["csv"],
                      "--sae", setup["sae"], "--ms", out, "--top-k", "3")
     assert result.exit_code == 0, result.output
-    levels = json.loads((tmp_path / "tax.json").read_text())["levels"]
+    body = json.loads((tmp_path / "tax.json").read_text())
+    assert json.loads(out.read_text())["pooling"] == body["pooling"] == "cls" and body["layer"] == 1
+    levels = body["levels"]
     assert [lvl["n_latents"] for lvl in levels] == [16, 32]
-    assert all(lvl["depth"] is None or 0 <= lvl["depth"] <= 3 for lvl in levels)
+    # Recount: mean pairwise LCA depth of each latent's top 3 images (CSV paths), averaged per level.
+    acts = torch.cat([load_file(f)["activations"] for f in sorted(encoded.glob("activations-*"))])
+    ids = FolderImages(setup["images"]).ids
+    rows = [line.split(",") for line in setup["csv"].read_text().splitlines()[1:]]
+    paths = {image: tuple(path.split("/")) for image, path in rows}
+    values, top = acts.topk(3, dim=0)
+    for level, (start, size) in zip(levels, [(0, 16), (16, 32)]):
+        depths = []
+        for k in range(start, start + size):
+            if values[-1, k] > 0:
+                group = [paths[ids[int(i)]] for i in top[:, k]]
+                pairs = [(a, b) for n, a in enumerate(group) for b in group[n + 1:]]
+                depths.append(sum(next((d for d, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                                  for a, b in pairs) / len(pairs))
+        assert level["n_scored"] == len(depths)
+        assert level["depth"] == (pytest.approx(sum(depths) / len(depths)) if depths else None)
+    assert any(level["depth"] is not None for level in levels), "no level scored: the check would be vacuous"
 
 
 def test_raw_neurons_baseline_uses_the_layer_width(setup, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sae_modules.evaluation.embedders import load_embedder
@@ -147,3 +148,30 @@ def test_every_evaluate_command_takes_the_layer_from_a_flag_when_the_sae_records
     result = runner.invoke(app, [*steering, "--layer", "-2"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "steer.json").read_text())["steered"]["n"] == 1
+
+
+def test_last_layer_is_the_clip_image_embedding_after_the_projection(clip_dir, tmp_path):
+    """`--layer last`: one value per image and projection dimension, equal to CLIP's own image_embeds."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from service.cli import app
+
+    write_folder(tmp_path / "images", 6, seed=3)
+    result = CliRunner().invoke(app, ["evaluate", "ms", "--out", str(tmp_path / "ms.json"), "--raw-neurons",
+                                      "--layer", "last", "--model", str(clip_dir), "--images",
+                                      str(tmp_path / "images"), "--embedder", f"clip:{clip_dir}", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    body = json.loads((tmp_path / "ms.json").read_text())
+    assert body["layer"] == "last" and body["n_latents"] == 8 and body["n_images"] == 6
+    data = EncodedDir.open(tmp_path / "ms-encoded")
+    acts = torch.cat([load_file(data.path / f)["activations"] for f in data.info.activation_files])
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    images = [Image.open(tmp_path / "images" / i).convert("RGB") for i in data.info.ids]
+    with torch.no_grad():
+        expected = model(**processor(text=["x"], images=images, return_tensors="pt", padding=True)).image_embeds
+    # image_embeds are unit-normalised; the raw projection is what the layer holds
+    assert torch.allclose(F.normalize(acts, dim=1), expected, atol=1e-5)
+    result = CliRunner().invoke(app, ["evaluate", "ms", "--out", str(tmp_path / "bad.json"), "--raw-neurons",
+                                      "--layer", "final", "--model", str(clip_dir), "--images",
+                                      str(tmp_path / "images"), "--embedder", f"clip:{clip_dir}"])
+    assert result.exit_code == 2 and "'last'" in result.output

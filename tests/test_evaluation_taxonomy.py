@@ -10,7 +10,13 @@ import torch
 from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.latent_summary import summarize_latents
 from sae_modules.evaluation.sources import TensorBatches
-from sae_modules.evaluation.taxonomy import by_level, csv_taxonomy, folder_taxonomy, latent_depths, lca_depth
+from sae_modules.evaluation.taxonomy_depth import (
+    by_level,
+    csv_taxonomy,
+    folder_taxonomy,
+    latent_depths,
+    lca_depth,
+)
 
 PATHS = [
     ("animal", "bird", "owl"),      # 0

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from sae_modules import CheckpointError, load_sae
 from sae_modules.activations.images import FolderImages
-from sae_modules.shapes.taxonomy import label_path
+from sae_modules.shapes.label_tree import label_path
 from sae_modules.shapes.world import write_folder
 from service.cli import app
 from service.config import load_settings

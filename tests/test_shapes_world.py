@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sae_modules.activations.images import FolderImages
-from sae_modules.shapes import taxonomy
+from sae_modules.shapes import label_tree
 from sae_modules.shapes.world import (
     COLOURS,
     EXAMPLES,
@@ -87,17 +87,17 @@ def test_examples_are_named_for_what_they_show(tmp_path) -> None:
 
 
 def test_taxonomy_has_three_levels_and_consistent_parents() -> None:
-    assert [len(taxonomy.level_labels(level)) for level in (1, 2, 3)] == [
+    assert [len(label_tree.level_labels(level)) for level in (1, 2, 3)] == [
         2,
         len(SHAPES),
         len(SHAPES) * len(COLOURS),
     ]
     for _, attrs in generate(50, seed=4):
-        family, shape, coloured = taxonomy.label_path(attrs)
-        assert taxonomy.parent(coloured) == shape and taxonomy.parent(shape) == family
-        assert taxonomy.parent(family) == taxonomy.ROOT
+        family, shape, coloured = label_tree.label_path(attrs)
+        assert label_tree.parent(coloured) == shape and label_tree.parent(shape) == family
+        assert label_tree.parent(family) == label_tree.ROOT
     with pytest.raises(ValueError, match="label"):
-        taxonomy.parent("teal blob")
+        label_tree.parent("teal blob")
 
 
 def test_flat_folder_keeps_draw_order_so_every_tail_mixes_classes(tmp_path) -> None:

@@ -25,10 +25,11 @@ from sae_modules.activations.towers import load_tower, resolve_device
 from sae_modules.atomic_file import atomic_write_bytes
 from sae_modules.evaluation.dictionary import write_dictionary
 from sae_modules.evaluation.embedders import load_embedder
-from sae_modules.evaluation.encode import POOLINGS, EncodedDir, encode_images
+from sae_modules.evaluation.encode import LAST_LAYER, POOLINGS, EncodedDir, ProjectedEmbeddings, encode_images
 from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.latent_summary import summarize_latents
 from sae_modules.evaluation.monosemanticity import monosemanticity, ms_report
+from sae_modules.evaluation.paper import PaperSettings, run_paper
 from sae_modules.evaluation.plots import histogram
 from sae_modules.evaluation.reconstruction import reconstruction_metrics
 from sae_modules.evaluation.report import evaluate_encoded, write_report
@@ -40,7 +41,7 @@ from sae_modules.evaluation.steering_score import (
     prototypes,
     steering_score,
 )
-from sae_modules.evaluation.taxonomy import by_level, csv_taxonomy, folder_taxonomy, latent_depths
+from sae_modules.evaluation.taxonomy_depth import by_level, csv_taxonomy, folder_taxonomy, latent_depths
 from sae_modules.formats.detect import load_sae
 from sae_modules.formats.errors import CheckpointError
 from sae_modules.saes.base import SAE
@@ -52,8 +53,12 @@ SaeOpt = Annotated[str | None, typer.Option(help="SAE checkpoint (any supported 
 ModelOpt = Annotated[str | None, typer.Option(help="CLIP / LLaVA checkpoint or open_clip:NAME whose tower the SAE reads.")]
 ImagesOpt = Annotated[Path | None, typer.Option(help="Image folder (recursive, sorted; subfolders are labels).")]
 EmbedderOpt = Annotated[str | None, typer.Option(help="dinov2:PATH, clip:PATH, open_clip:ARCH@WEIGHTS or FILE.safetensors.")]
-LayerOpt = Annotated[int | None, typer.Option(help="Tower block; default: the layer recorded in the SAE's config.")]
-PoolingOpt = Annotated[str, typer.Option(help="Per-image value of a latent over tokens: mean (paper), max, cls.")]
+LayerOpt = Annotated[str | None, typer.Option(
+    help="Tower block (negative from the end), or 'last': CLIP's image embedding after its visual projection "
+         "(768-d for ViT-L/14; --model must be a CLIP with its projection). Default: the SAE's recorded layer.")]
+BlockOpt = Annotated[int | None, typer.Option("--layer", help="Tower block the SAE reads; default: the one it records.")]
+PoolingOpt = Annotated[str, typer.Option(
+    help="Per-image value of a latent over tokens: cls (the paper's MS tables), mean (its token-level steering SAE), max.")]
 RawOpt = Annotated[bool, typer.Option("--raw-neurons", help="'No SAE' baseline: the layer's neurons are the latents.")]
 WeightsOpt = Annotated[Path | None, typer.Option(help="open_clip tower weights.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
@@ -67,7 +72,7 @@ def _fail(err: Exception) -> typer.Exit:
 
 
 def _encoded(encoded: Path | None, work: Path, sae: str | None, model: str | None, images: Path | None,
-             embedder: str | None, layer: int | None, pooling: str, raw_neurons: bool, weights: Path | None,
+             embedder: str | None, layer: str | None, pooling: str, raw_neurons: bool, weights: Path | None,
              device: str, batch_size: int) -> EncodedDir:
     """An existing encoded directory, or run the chain into `work`."""
     if encoded is not None:
@@ -83,10 +88,32 @@ def _encoded(encoded: Path | None, work: Path, sae: str | None, model: str | Non
     if layer is None:
         if sae_module is None:
             raise EvaluationError("--raw-neurons needs --layer (the block whose neurons are measured)", "layer")
-        layer = _recorded_layer(sae_module, sae)
-    tower = load_tower(model, str(weights) if weights else None, device)
-    return encode_images(tower, layer, sae_module, FolderImages(images), load_embedder(embedder, torch_device), work,
+        block: int | str = _recorded_layer(sae_module, sae)
+    else:
+        block = _parse_layer(layer)
+    if block == LAST_LAYER:
+        spec = model if model.startswith("open_clip:") else f"clip:{model}"
+        open_clip_weights = weights is not None and spec.startswith("open_clip:")
+        tower = ProjectedEmbeddings(load_embedder(f"{spec}@{weights}" if open_clip_weights else spec, torch_device))
+    else:
+        tower = load_tower(model, str(weights) if weights else None, device)
+    return encode_images(tower, block, sae_module, FolderImages(images), load_embedder(embedder, torch_device), work,
                          pooling=pooling, batch_size=batch_size, sae_name=sae)  # type: ignore[arg-type]
+
+
+def _setting(data: EncodedDir) -> dict:
+    """Pooling and layer of an encoded directory, written into every output so numbers are never compared
+    across settings (the paper's MS tables use the CLS token, its steering SAE the mean over tokens)."""
+    return {"pooling": data.info.pooling, "layer": data.info.layer}
+
+
+def _parse_layer(text: str) -> int | str:
+    if text == LAST_LAYER:
+        return LAST_LAYER
+    try:
+        return int(text)
+    except ValueError:
+        raise EvaluationError(f"--layer {text!r} must be a block index or '{LAST_LAYER}'", "layer") from None
 
 
 def _recorded_layer(sae_module: SAE, name: str) -> int:
@@ -119,7 +146,7 @@ def ms(
     activations: Annotated[list[Path] | None, typer.Option(help="safetensors with tensor `activations` [N, F]; repeatable, rows concatenate.")] = None,
     embeddings: Annotated[Path | None, typer.Option(help="safetensors with tensor `embeddings` [N, D].")] = None,
     sae: SaeOpt = None, model: ModelOpt = None, images: ImagesOpt = None, embedder: EmbedderOpt = None,
-    layer: LayerOpt = None, pooling: PoolingOpt = "mean", raw_neurons: RawOpt = False, weights: WeightsOpt = None,
+    layer: LayerOpt = None, pooling: PoolingOpt = "cls", raw_neurons: RawOpt = False, weights: WeightsOpt = None,
     encoded: EncodedOpt = None,
     work: Annotated[Path | None, typer.Option(help="Where the chain caches its encoded directory.")] = None,
     hist: Annotated[Path | None, typer.Option(help="Also write a histogram PNG.")] = None,
@@ -134,15 +161,17 @@ def ms(
             if embeddings is None:
                 raise EvaluationError("--activations needs --embeddings", "embeddings")
             batches = SafetensorsBatches(activations, embeddings)
+            setting = {"pooling": "as in the given --activations", "layer": layer and _parse_layer(layer)}
         else:
             work = work or out.with_name(out.stem + "-encoded")
-            batches = _encoded(encoded, work, sae, model, images, embedder, layer, pooling, raw_neurons, weights,
-                               device, batch_size).batches()
+            data = _encoded(encoded, work, sae, model, images, embedder, layer, pooling, raw_neurons, weights,
+                            device, batch_size)
+            batches, setting = data.batches(), _setting(data)
         summary, scores = monosemanticity(batches, batches.n_latents, top_k=0,
                                           device=resolve_device(device))
         report = ms_report(scores, summary.n_images)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, report.model_dump_json().encode())
+        atomic_write_bytes(out, json.dumps(setting | report.model_dump()).encode())
         if hist is not None:
             histogram(scores, hist, title="Monosemanticity score", xlabel="MS")
     except _ERRORS as err:
@@ -175,7 +204,8 @@ def taxonomy(
             scores = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64)
         rows = by_level(depths, scores, _group_sizes(group_sizes, sae))
         out.parent.mkdir(parents=True, exist_ok=True)
-        body = {"depth": [None if math.isnan(d) else d for d in depths.tolist()], "levels": [r.model_dump() for r in rows]}
+        body = _setting(data) | {"depth": [None if math.isnan(d) else d for d in depths.tolist()],
+                                 "levels": [r.model_dump() for r in rows]}
         atomic_write_bytes(out, json.dumps(body).encode())
     except (*_ERRORS, OSError, KeyError, ValueError) as err:
         raise _fail(err) from None
@@ -187,7 +217,7 @@ def taxonomy(
 def report(
     out: Annotated[Path, typer.Option(help="Report directory: report.json, report.md, plots, browser/.")],
     sae: SaeOpt = None, model: ModelOpt = None, images: ImagesOpt = None, embedder: EmbedderOpt = None,
-    layer: LayerOpt = None, pooling: PoolingOpt = "mean", raw_neurons: RawOpt = False, weights: WeightsOpt = None,
+    layer: LayerOpt = None, pooling: PoolingOpt = "cls", raw_neurons: RawOpt = False, weights: WeightsOpt = None,
     encoded: EncodedOpt = None,
     shards: Annotated[Path | None, typer.Option(help="Activation shards for FVU / L0 / dead latents (needs --sae).")] = None,
     max_vectors: Annotated[int | None, typer.Option(help="Cap on shard vectors for reconstruction.")] = None,
@@ -269,7 +299,7 @@ def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
         n_latents: Annotated[int, typer.Option(help="How many latents when --latents is not given.")] = 10,
         value: Annotated[float, typer.Option(help="Value the latent is pinned to (the paper uses 100).")] = PAPER_VALUE,
         top_k: Annotated[int, typer.Option(help="Top images per prototype.")] = 16,
-        layer: LayerOpt = None,
+        layer: BlockOpt = None,
         device: DeviceOpt = "auto",
     ) -> None:
         """Steering score: CLIP agreement of the steered one-word answer with the latent's top images."""
@@ -295,6 +325,7 @@ def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
             result = steering_score(chosen, protos, images, answer, clip_embedder,
                                     value=value, probe_labels=labels,
                                     probe_embeddings=clip_embedder.embed(images, 0) if labels else None)
+            result.top_images_pooling = data.info.pooling
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(out, result.model_dump_json(indent=1).encode())
         except _ERRORS as err:
@@ -303,6 +334,32 @@ def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
                                    f"over {len(chosen)} latents x {result.n_images} images -> {out}")
 
     return steering
+
+
+def paper_command(make_answer: AnswerFactory) -> Callable[..., None]:
+    """The `paper` command, bound to a way of generating (as `steering_command`)."""
+
+    def paper(
+        out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, the images and encoded data.")],
+        images: Annotated[int, typer.Option(min=100, help="Fresh shapes-world images for MS, depth and top images.")] = 1000,
+        probes: Annotated[int, typer.Option(min=2, help="Probe images asked about with each latent pinned.")] = 24,
+        n_latents: Annotated[int, typer.Option(min=1, help="Latents steered (highest MS).")] = 10,
+        value: Annotated[float, typer.Option(help="Pin value (the paper's 100).")] = PAPER_VALUE,
+        device: DeviceOpt = "auto",
+    ) -> None:
+        """The paper's three findings in miniature on the shipped demo model, SAE and CLIP."""
+        settings = PaperSettings(images=images, probes=probes, latents=n_latents, value=value)
+        try:
+            report = run_paper(out, make_answer, settings, device=str(resolve_device(device)))
+        except _ERRORS as err:
+            raise _fail(err) from None
+        Console(stderr=True).print(
+            f"MS SAE {report.monosemanticity.sae.mean:.3f} vs neurons {report.monosemanticity.neurons.mean:.3f}; "
+            f"depth first/last level {report.hierarchy.depth_first_level} / {report.hierarchy.depth_last_level}; "
+            f"steering {report.steering.score.steered.mean:.3f} vs unsteered {report.steering.score.unsteered.mean:.3f} "
+            f"-> {out / 'report.md'}")
+
+    return paper
 
 
 def _latent_list(text: str | None, live: Tensor, n: int) -> list[int]:

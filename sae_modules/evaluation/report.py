@@ -24,7 +24,7 @@ from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.latent_summary import LatentSummary
 from sae_modules.evaluation.monosemanticity import DEFAULT_MEMORY_BYTES, MSReport, monosemanticity, ms_report
 from sae_modules.evaluation.plots import histogram
-from sae_modules.evaluation.taxonomy import LevelRow, by_level, latent_depths
+from sae_modules.evaluation.taxonomy_depth import LevelRow, by_level, latent_depths
 
 
 @dataclass

@@ -58,6 +58,7 @@ class LatentSteering(BaseModel):
 
 
 class SteeringScore(BaseModel):
+    top_images_pooling: str | None = None  # the encoded directory's pooling, which chose the prototypes' images
     value: float
     prompt: str
     n_images: int
