@@ -99,6 +99,16 @@ def test_a_relative_pin_resolves_at_the_ingress_and_steers(client) -> None:
         answers.append(result["outputs"][0]["text"].strip())
     assert answers.count("red") / len(answers) >= 0.8, answers
 
+    chat = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[0])}},
+                                                  {"type": "text", "text": QUESTIONS["colour"][0]}]}],
+        "max_tokens": 4, "steering": {"interventions": [{"latent": latent, "value": 5, "unit": "max"}]}})
+    assert chat.status_code == 200, chat.text
+    edited = chat.json()["steering_metrics"]["sae"]["latents"]
+    assert [(e["latent"], e["after"]) for e in edited] == [(latent, pytest.approx(5 * float(stats.max[latent]),
+                                                                                  rel=1e-5))]
+    assert chat.json()["choices"][0]["message"]["content"].strip() == answers[0]
+
 
 @pytest.mark.parametrize(("method", "url", "body", "status", "param", "words"), [
     ("GET", "/v1/saes/nope/latents", None, 404, "sae", "unknown SAE"),
