@@ -118,21 +118,26 @@ def in_flight(app_name: str) -> int:
     return sum(ray.get([replica.get_num_ongoing_requests.remote() for replica in replicas], timeout=10))
 
 
-def drain(app_name: str, timeout_s: float) -> bool:
-    """Wait until no request is in flight in the app (True) or `timeout_s` passed (False).
+def drain(app_name: str, timeout_s: float, quiet_s: float = 1.0) -> bool:
+    """Wait until no request has been in flight in the app for `quiet_s` (True), or `timeout_s` passed (False).
 
     Deleting the app alone is not enough: Serve stops all its deployments at once, so a request
-    still at the ingress (say, uploading its body) would find the model deployment gone."""
+    still at the ingress (say, uploading its body) would find the model deployment gone. The quiet
+    period covers requests the HTTP proxy has accepted but not yet handed to a replica."""
     import ray
 
     deadline = time.monotonic() + timeout_s
+    quiet_since = None
     while time.monotonic() < deadline:
         try:
-            if in_flight(app_name) == 0:
-                return True
+            busy = in_flight(app_name) > 0
         except (ray.exceptions.RayError, ValueError) as exc:
             typer.echo(f"cannot count in-flight requests ({type(exc).__name__}); stopping without waiting", err=True)
             return False
+        now = time.monotonic()
+        quiet_since = None if busy else (quiet_since or now)
+        if quiet_since is not None and now - quiet_since >= quiet_s:
+            return True
         time.sleep(0.2)
     return False
 

@@ -124,12 +124,12 @@ def test_first_request_works_as_printed_and_sigterm_drains_then_exits_0() -> Non
 
         def send() -> None:
             in_flight["response"] = httpx.post(
-                f"{served.base_url}/v1/steer", content=_slow_body(json.dumps(body).encode(), 4.0),
+                f"{served.base_url}/v1/steer", content=_slow_body(json.dumps(body).encode(), 6.0),
                 headers={"Content-Type": "application/json"}, timeout=120)
 
         sender = threading.Thread(target=send)
         sender.start()
-        time.sleep(1.5)
+        time.sleep(2.5)
         served.process.send_signal(signal.SIGTERM)
         sender.join(120)
         response = in_flight["response"]
