@@ -6,7 +6,7 @@ Exactly what a user does for their own SAE, with the product's jobs: fresh shape
 (a seed no training stage used) -> `extract` at the SAE's block with the tokens it was trained on
 -> `write_dictionary` (the code behind `vlm-steer evaluate stats`) with the demo CLIP and the
 shapes vocabulary. The work folder `out/demo-dictionary/` keeps the images (the statistics'
-`images_root`, so the top images can be looked at); the activations are extracted afresh each run. Then the demo MANIFEST.json's entries for the
+`images_root`, so the top images can be looked at); the activations (`out/demo-dictionary/activations`) are extracted afresh each run. Then the demo MANIFEST.json's entries for the
 written files are refreshed (the manifest lists every shipped file). Run it again whenever the demo
 SAE changes: `tests/test_latent_labels.py` fails while the shipped statistics describe another SAE.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from sae_modules.activations.extract import ExtractionPlan, run_extraction
 from sae_modules.activations.images import FolderImages
 from sae_modules.activations.tokens import TokenSelection
 from sae_modules.activations.towers import load_tower
+from sae_modules.atomic_file import atomic_write_json
 from sae_modules.evaluation.dictionary import write_dictionary
 from sae_modules.formats.detect import load_sae
 from sae_modules.shapes import ASSETS_DIR, DEMO_CLIP_DIR, DEMO_MANIFEST, DEMO_MODEL_DIR, DEMO_SAE_DIR
@@ -44,9 +45,7 @@ def refresh_manifest(files: list[Path]) -> None:
         manifest["files"][name] = hashes[name]
     manifest["files"] = dict(sorted(manifest["files"].items()))
     manifest["total_bytes"] = sum(entry["bytes"] for entry in manifest["files"].values())
-    temporary = DEMO_MANIFEST.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, DEMO_MANIFEST)
+    atomic_write_json(DEMO_MANIFEST, manifest)
 
 
 def main() -> None:
@@ -59,13 +58,13 @@ def main() -> None:
     if not images.is_dir() or sum(1 for _ in images.rglob("*.png")) != args.images:
         write_folder(images, args.images, seed=SEED)
     source = load_sae(DEMO_SAE_DIR).cfg.source
-    plan = ExtractionPlan(model=str(DEMO_MODEL_DIR), layer=source.layer, tokens=TokenSelection.parse(source.tokens),
-                          batch_size=64)
-    with tempfile.TemporaryDirectory(dir=args.work) as shards:   # always fresh: the model may have been rebuilt
-        run_extraction(load_tower(str(DEMO_MODEL_DIR), device="cpu"), FolderImages(images), shards, plan,
-                       progress=False)
-        result = write_dictionary(DEMO_SAE_DIR, shards, images=images, clip=f"clip:{DEMO_CLIP_DIR}",
-                                  vocabulary="shapes")
+    model = os.path.relpath(DEMO_MODEL_DIR)             # recorded in the statistics: no machine's absolute path
+    plan = ExtractionPlan(model=model, layer=source.layer, tokens=TokenSelection.parse(source.tokens), batch_size=64)
+    shards = args.work / "activations"
+    shutil.rmtree(shards, ignore_errors=True)             # always extracted afresh: the model may have been rebuilt
+    run_extraction(load_tower(model, device="cpu"), FolderImages(images), shards, plan, progress=False)
+    result = write_dictionary(DEMO_SAE_DIR, shards, images=images, clip=f"clip:{os.path.relpath(DEMO_CLIP_DIR)}",
+                              vocabulary="shapes")
     refresh_manifest(result.files)
     print(f"{int(result.stats.live.sum())} live latents over {result.stats.info.n_vectors} vectors, "
           f"{len(result.labels.labels)} labelled -> {', '.join(map(str, result.files))}")
