@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -85,29 +86,39 @@ def _seconds(fn, device: torch.device) -> float:
     return time.process_time() - start
 
 
-def measure(shapes: Shapes, batches: tuple[int, ...], repeats: int, layer: int = SAE_LAYER,
-            device: torch.device | None = None) -> list[dict]:
-    """Median seconds of baseline, fast path and paper mode per batch size, and their ratios."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def build_steerer(shapes: Shapes, layer: int, device: torch.device) -> VisionSteerer:
+    """The benchmark's model with its SAE attached as "bench"."""
     model = build_model(shapes, device)
-    steerer = VisionSteerer(model, {})
     image = shapes.image_size
     probe = torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(0)).to(device)
-    sae = build_bench_sae(steerer, probe, shapes, layer)
-    steerer = VisionSteerer(model, {"bench": sae})
+    return VisionSteerer(model, {"bench": build_bench_sae(VisionSteerer(model, {}), probe, shapes, layer)})
+
+
+def bench_runs(steerer: VisionSteerer, batch: int) -> dict[str, Callable[[], object]]:
+    """The three timed calls at one batch size: unsteered image features, the fast path, paper mode."""
+    model = steerer.model
+    image = model.config.vision_config.image_size
     pin = [Intervention(latent=39, mode="pin", value=40.0)]
     modes = {
         "fast": SteerSpec(pin, sae_id="bench", use_error_term=True, want_stats=False),
         "paper": SteerSpec(pin, sae_id="bench", use_error_term=False, want_stats=False),
     }
+    pixels = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(batch))
+    pixels = pixels.to(steerer.device, steerer.dtype)
+    return {
+        "baseline": partial(model.get_image_features, pixel_values=pixels),
+        **{name: partial(steerer.steer, pixels, [spec] * batch) for name, spec in modes.items()},
+    }
+
+
+def measure(shapes: Shapes, batches: tuple[int, ...], repeats: int, layer: int = SAE_LAYER,
+            device: torch.device | None = None) -> list[dict]:
+    """Median seconds of baseline, fast path and paper mode per batch size, and their ratios."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    steerer = build_steerer(shapes, layer, device)
     rows = []
     for batch in batches:
-        pixels = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(batch))
-        pixels = pixels.to(device, next(model.parameters()).dtype)
-        runs = {
-            "baseline": partial(model.get_image_features, pixel_values=pixels),
-            **{name: partial(steerer.steer, pixels, [spec] * batch) for name, spec in modes.items()},
-        }
+        runs = bench_runs(steerer, batch)
         times: dict[str, list[float]] = {name: [] for name in runs}
         with torch.no_grad():
             for name, run in runs.items():
