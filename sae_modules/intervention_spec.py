@@ -12,17 +12,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 
+from sae_modules.errors import VlmSteerError
+
 Mode = Literal["pin", "nudge", "mul"]
 TokenScope = Literal["all", "cls", "patches"]
 Unit = Literal["raw", "max", "mean", "p99"]
 
 
-class InterventionError(ValueError):
+class InterventionError(VlmSteerError):
     """A spec that does not fit the SAE or tower it is applied to; `field` names the culprit."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class Intervention(BaseModel):

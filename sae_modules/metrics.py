@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae_modules.errors import VlmSteerError
 from sae_modules.saes.base import fire_counts
 
 
-class MetricsInputError(ValueError):
+class MetricsInputError(VlmSteerError):
     """Tensors handed to the metrics whose shapes do not fit together."""
 
 

@@ -30,6 +30,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sae_modules.errors import VlmSteerError
+
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "VLM_STEER_CONFIG"
@@ -242,7 +244,7 @@ class _FileSource(PydanticBaseSettingsSource):
         return dict(_file_values.get() or {})
 
 
-class ConfigError(ValueError):
+class ConfigError(VlmSteerError):
     """A settings file that cannot be read or does not fit the settings model."""
 
 

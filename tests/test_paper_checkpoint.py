@@ -147,7 +147,7 @@ def test_steer_command(release: Path, tiny_llava_dir: Path, tmp_path: Path) -> N
     args = ["steer", "--model", str(tiny_llava_dir), "--sae", str(release / CHECKPOINTS["batchtopk step file"]),
             "--image", str(image), "--pin", "3=20", "--max-tokens", "3"]
     missing = runner.invoke(app, args)
-    assert missing.exit_code == 1
+    assert missing.exit_code == 2
     assert "does not record its layer" in missing.output and "--layer" in missing.output
     assert "Traceback" not in missing.output
     result = runner.invoke(app, [*args, "--layer", str(LAYER)])

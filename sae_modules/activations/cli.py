@@ -11,9 +11,9 @@ from rich.console import Console
 from sae_modules.activations.errors import ExtractError
 from sae_modules.activations.extract import ExtractionPlan, run_extraction
 from sae_modules.activations.images import DatasetImages, FolderImages, ImageSource
-from sae_modules.activations.shards import ShardError
 from sae_modules.activations.tokens import SPEC_HELP, TokenSelection
 from sae_modules.activations.towers import load_tower
+from sae_modules.cli_errors import reported_errors
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -63,7 +63,7 @@ def extract(
 ) -> None:
     """Extract one tower layer's activations from images into safetensors shards."""
     console = Console(stderr=True)
-    try:
+    with reported_errors():
         if dtype not in _DTYPES:
             raise ExtractError(f"--dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
         plan = ExtractionPlan(
@@ -83,9 +83,6 @@ def extract(
             manifest = run_ray_extraction(model, weights_file, device, source, out, plan, workers, progress)
         else:
             manifest = run_extraction(load_tower(model, weights_file, device), source, out, plan, progress)
-    except (ExtractError, ShardError) as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
-        raise typer.Exit(2) from None
     console.print(
         f"{manifest.count} vectors of dim {manifest.d_in} from {len(manifest.images)} images "
         f"in {len(manifest.shards)} shards -> {out}",

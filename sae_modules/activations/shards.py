@@ -25,6 +25,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from sae_modules.atomic_file import atomic_write_bytes
+from sae_modules.errors import VlmSteerError
 
 FORMAT = "vlm-steer-activations/1"
 MANIFEST = "manifest.json"
@@ -37,7 +38,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 SHARD_KEYS = ("activations", "image_index", "token_index")
 
 
-class ShardError(ValueError):
+class ShardError(VlmSteerError):
     """A shard directory, manifest or shard file is missing, malformed or corrupted."""
 
 

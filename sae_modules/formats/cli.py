@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from sae_modules.cli_errors import reported_errors
 from sae_modules.formats.detect import load_sae
 from sae_modules.formats.errors import CheckpointError
 from sae_modules.formats.native import save_sae
@@ -40,17 +41,11 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing checkpoint at DST.")] = False,
 ) -> None:
     """Write SRC to DST in the chosen layout; a bad checkpoint exits 2, an I/O failure 1, with the reason."""
-    try:
+    with reported_errors({"dst": "DST"}, io_action=f"could not read {src} or write {dst}"):
         if dst.exists() and not overwrite:
-            raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+            raise CheckpointError(f"{dst} exists; pass --overwrite to replace it", "dst")
         sae = load_sae(src, subfolder=subfolder)
         _WRITERS[to](sae, dst)
-    except CheckpointError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except OSError as exc:
-        typer.echo(f"error: could not read {src} or write {dst}: {exc}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(
         f"wrote {sae.cfg.architecture} SAE ({sae.cfg.d_in} -> {sae.cfg.n_latents}) to {dst} as {to.value}"
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sae_modules.errors import VlmSteerError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(VlmSteerError):
     """A checkpoint that cannot be read or written; the message says which file and what is wrong."""

@@ -14,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sae_modules.intervention_spec import InterventionError
+from sae_modules.errors import VlmSteerError
+from service.error_status import http_status
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,9 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(400, f"the request body must be a JSON object: {first['msg']}")
         return error_response(422, _validation_message(errors), field_path(first["loc"]) or None)
 
-    @app.exception_handler(InterventionError)
-    async def _intervention(_: Request, exc: InterventionError) -> JSONResponse:
-        return error_response(getattr(exc, "status", 422), str(exc), exc.field)  # UnknownSAEError: 404
+    @app.exception_handler(VlmSteerError)
+    async def _library(_: Request, exc: VlmSteerError) -> JSONResponse:
+        return error_response(http_status(exc), str(exc), exc.field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

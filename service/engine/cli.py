@@ -11,8 +11,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from sae_modules.cli_errors import EXIT_CODES, fail, reported_errors
+from sae_modules.errors import ErrorKind
 from sae_modules.intervention_spec import Intervention
-from service.engine.loading import EngineLoadError
 from service.engine.types import SamplingParams, SteerResult, SteerSpec
 
 
@@ -88,7 +89,7 @@ def steer(
     layer: Annotated[int | None, typer.Option(help="The SAE's block, when its checkpoint does not record it.")] = None,
 ) -> None:
     """Print the steered and the unsteered answers side by side, then the statistics."""
-    from service.engine.engine import JobFailed, SteeringEngine, steer_one
+    from service.engine.engine import SteeringEngine, steer_one
 
     edits = [edit for mode, items in (("pin", pin), ("nudge", nudge), ("mul", mul))
              for edit in parse_edits(mode, items or [], tokens)]
@@ -97,15 +98,14 @@ def steer(
     console = Console()
     try:
         picture = Image.open(image)
+    except UnidentifiedImageError as err:
+        raise fail(str(err), EXIT_CODES[ErrorKind.INVALID], "--image") from None
+    with reported_errors({"layer": "--layer", "d_in": "--sae", "model": "--model"}):
         engine = SteeringEngine.load(model, {"sae": sae}, backend=backend, device=device, dtype=dtype,
                                      sae_layers=None if layer is None else {"sae": layer})
         spec = SteerSpec(interventions=edits, use_error_term=error_term, pre_zero=pre_zero, want_default=True)
         result = steer_one(engine, picture, prompt, spec, SamplingParams(max_tokens=max_tokens,
                                                                          temperature=temperature, seed=seed))
-    except (UnidentifiedImageError, EngineLoadError, JobFailed, ValueError) as err:  # SAEMismatchError, ...
-        where = getattr(err, "field", None)
-        console.print(f"[red]error:[/red] {where + ': ' if where else ''}{err}")
-        raise typer.Exit(1) from None
     answers = Table(title=f"{prompt}")
     answers.add_column("steered")
     answers.add_column("unsteered")

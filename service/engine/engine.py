@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from sae_modules.errors import ErrorKind, VlmSteerError
 from sae_modules.intervention import reconstruction_stats, token_mask
 from sae_modules.intervention_spec import InterventionError, TokenScope
 from sae_modules.saes.base import SAE
 from service.engine.loading import check_sae_fits, load_llava, load_saes, resolve_dtype
-from service.engine.prompts import PromptError, render_prompt
+from service.engine.prompts import render_prompt
 from service.engine.steerer import VisionSteerer
 from service.engine.types import (
     EncodeJob,
@@ -47,6 +48,7 @@ from service.engine.types import (
     finite_or_none,
     user_turn,
 )
+from service.error_status import http_status, kind_of_status
 
 BACKENDS = ("transformers", "vllm")
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 class UnknownSAEError(InterventionError):
     """A request names an SAE the engine does not hold (404 wherever it is caught)."""
 
-    status = 404
+    kind = ErrorKind.NOT_FOUND
 
     def __init__(self, sae_id: str, known: list[str]) -> None:
         super().__init__(f"unknown SAE {sae_id!r}: this engine holds {known}; GET /v1/saes lists them", "sae")
@@ -63,10 +65,8 @@ class UnknownSAEError(InterventionError):
 
 def job_error(err: Exception) -> JobError:
     """The per-job error for an exception raised while checking or running one job."""
-    if isinstance(err, InterventionError):
-        return JobError(status=getattr(err, "status", 422), message=str(err), param=err.field)
-    if isinstance(err, PromptError):
-        return JobError(status=422, message=str(err), param="messages")
+    if isinstance(err, VlmSteerError):
+        return JobError(status=http_status(err), message=str(err), param=err.field)
     log.exception("a steering job failed", exc_info=err)
     return JobError(status=500, message=f"internal error: {type(err).__name__}")
 
@@ -364,9 +364,10 @@ def steer_one(engine: SteeringEngine, image: Image.Image, prompt: str, spec: Ste
     return outcome
 
 
-class JobFailed(RuntimeError):
+class JobFailed(VlmSteerError):
     """A single job's error, raised by `steer_one` for callers that handle one job at a time."""
 
     def __init__(self, error: JobError) -> None:
-        super().__init__(f"{error.param + ': ' if error.param else ''}{error.message}")
+        super().__init__(error.message, error.param)
+        self.kind = kind_of_status(error.status)
         self.error = error

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sae_modules.activations.blocks import resolve_layer, vision_blocks
+from sae_modules.errors import ErrorKind, VlmSteerError
 from sae_modules.saes.base import SAE
 
 #: Vision towers of LLaVA checkpoints, so an SAE trained on the bare CLIP model attaches to them.
@@ -22,16 +23,14 @@ _CLIP_L14_336 = "openai/clip-vit-large-patch14-336"
 _CLIP_L14_336_SHAPE = (1024, 24, 336, 14)
 
 
-class EngineLoadError(RuntimeError):
+class EngineLoadError(VlmSteerError):
     """A model or SAE that cannot be loaded; the message says which and why."""
 
+    kind = ErrorKind.UNAVAILABLE
 
-class SAEMismatchError(ValueError):
+
+class SAEMismatchError(VlmSteerError):
     """An SAE that does not fit the model it is attached to; `field` is d_in, layer or model."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:

@@ -6,10 +6,11 @@ vLLM and to transformers; only the image placeholder's expansion differs (vLLM e
 
 from __future__ import annotations
 
+from sae_modules.errors import VlmSteerError
 from service.engine.types import Conversation
 
 
-class PromptError(ValueError):
+class PromptError(VlmSteerError):
     """A conversation that cannot be rendered for this model; the message says why."""
 
 
@@ -18,7 +19,7 @@ def render_prompt(processor: object, conversation: Conversation) -> str:
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     count = text.count(processor.image_token)
     if count != 1:
-        raise PromptError(f"the conversation must hold exactly one image, found {count}")
+        raise PromptError(f"the conversation must hold exactly one image, found {count}", "messages")
     return text
 
 
