@@ -13,6 +13,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from service.api.errors import APIError
+from service.api.images import processor_short_side
 from service.engine.prompts import PromptError, render_prompt
 from service.engine.types import Conversation
 
@@ -21,6 +22,9 @@ class PromptChecker:
     def __init__(self, processor: Any) -> None:
         self.processor = processor
         self.image_token: str = processor.image_token
+        self.image_short_side = processor_short_side(processor.image_processor)
+        """What request images are shrunk to at the ingress, so no more pixels than the processor uses
+        travel to the model replica."""
 
     @classmethod
     def load(cls, model_path: str) -> PromptChecker:

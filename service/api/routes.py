@@ -236,9 +236,9 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
         except TimeoutError as exc:
             raise APIError(504, f"the request took longer than {limits.request_timeout_s:g} s") from exc
 
-    async def decode(ref: str, param: str) -> tuple[Image.Image, float]:
+    async def decode(ref: str, param: str, checker: PromptChecker) -> tuple[Image.Image, float]:
         start = time.perf_counter()
-        image = await run_in_threadpool(load_image, ref, limits, param)
+        image = await run_in_threadpool(load_image, ref, limits, param, checker.image_short_side)
         return image, time.perf_counter() - start
 
     def check_context(info: ServingInfo, checker: PromptChecker, conversation: Conversation,
@@ -292,7 +292,7 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
         params = _sampling(request, request.max_tokens, limits, [])
         conversation = user_turn(request.prompt)
         check_context(info, checker, conversation, params, "max_tokens")
-        image, decode_s = await decode(request.image, "image")
+        image, decode_s = await decode(request.image, "image", checker)
         spec = SteerSpec(interventions=interventions, sae_id=sae_id, use_error_term=request.use_error_term,
                          pre_zero=request.pre_zero, want_steered="STEERED" in request.types,
                          want_default="DEFAULT" in request.types)
@@ -355,7 +355,7 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
                            _stop_strings(request.stop, limits))
         check_context(info, checker, conversation, params,
                       "max_completion_tokens" if request.max_completion_tokens else "max_tokens")
-        image, decode_s = await decode(image_ref, image_param)
+        image, decode_s = await decode(image_ref, image_param, checker)
         job = SteerJob(image, conversation, spec, params)
         kind: OutputType = "STEERED" if spec.want_steered else "DEFAULT"
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -408,11 +408,11 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
     @app.post("/v1/encode", response_model=schemas.EncodeResponse, tags=["steering"])
     async def encode(request: schemas.EncodeRequest) -> schemas.EncodeResponse:
         """The strongest SAE latents on an image (pick latents to steer with)."""
-        info, _ = await served()
+        info, checker = await served()
         sae_id = _resolve_sae(info, request.sae, "sae")
         if request.top_k > limits.max_top_k:
             raise APIError(422, f"top_k {request.top_k} exceeds the limit {limits.max_top_k}", "top_k")
-        image, decode_s = await decode(request.image, "image")
+        image, decode_s = await decode(request.image, "image", checker)
         outcome = await bounded(backend.encode(EncodeJob(image, sae_id, request.tokens, request.reduce,
                                                          request.top_k)))
         if isinstance(outcome, JobError):
