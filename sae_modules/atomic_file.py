@@ -26,6 +26,25 @@ from torch import Tensor
 _CHUNK = 1 << 22
 
 
+def _process_umask() -> int:
+    """The umask, read once at import (reading it means setting it, which is not thread-safe later)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def _file_mode(file: Path) -> int:
+    """The mode the written file gets: the old file's, or what `open()` would give a new one (mkstemp's
+    temp files are 0600, which would hide a new checkpoint from everyone but its writer)."""
+    try:
+        return file.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_UMASK
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -47,6 +66,7 @@ def atomic_write_bytes(file: str | os.PathLike[str], data: bytes) -> None:
     file = Path(file)
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode(file))
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -54,6 +54,16 @@ def test_file_writers_replace_the_whole_file_and_leave_no_temp_files(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["j.json", "out.bin", "t.txt", "w.safetensors"]
 
 
+def test_written_files_get_the_mode_open_would_give_or_keep_the_old_one(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.txt"
+    plain.write_text("made by open()")
+    atomic_write_text(tmp_path / "new.txt", "made atomically")
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    (tmp_path / "new.txt").chmod(0o640)
+    atomic_write_text(tmp_path / "new.txt", "again")
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o640
+
+
 def test_failed_file_replace_keeps_the_target_and_removes_the_temp_file(tmp_path: Path) -> None:
     """os.replace onto a non-empty folder fails (EISDIR/ENOTEMPTY): the folder and its file survive."""
     target = _make_folder(tmp_path / "target", {"keep.txt": b"keep"})
