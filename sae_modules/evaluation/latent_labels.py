@@ -17,7 +17,6 @@ file with one word or phrase per line, where lines `template: ...{}...` add temp
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch import Tensor
 from sae_modules.atomic_file import atomic_write_bytes
 from sae_modules.evaluation.embedders import TextEmbedder
 from sae_modules.evaluation.errors import EvaluationError
-from sae_modules.evaluation.latent_stats import LatentStats
+from sae_modules.evaluation.latent_stats import LatentStats, read_versioned_json
 
 FORMAT = "vlm-steer-latent-labels"
 FORMAT_VERSION = 1
@@ -159,18 +158,7 @@ def save_latent_labels(labels: LatentLabels, sae_dir: str | Path) -> Path:
 def load_latent_labels(sae_dir: str | Path) -> LatentLabels:
     """The labels beside a checkpoint; EvaluationError names what is missing, newer or malformed."""
     file = Path(sae_dir) / LABELS_JSON
-    try:
-        header = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise EvaluationError(f"no {LABELS_JSON} in {sae_dir}: run `vlm-steer evaluate stats --clip ...`",
-                              "labels") from None
-    except (OSError, ValueError) as err:
-        raise EvaluationError(f"cannot read {file}: {err}", "labels") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise EvaluationError(f"{file} is not a {FORMAT} file", "labels")
-    if not isinstance(header.get("format_version"), int) or header["format_version"] > FORMAT_VERSION:
-        raise EvaluationError(f"{file} has format_version {header.get('format_version')}; this vlm-steer reads up "
-                              f"to {FORMAT_VERSION}", "labels")
+    header = read_versioned_json(file, FORMAT, FORMAT_VERSION, "labels", "run `vlm-steer evaluate stats --clip ...`")
     try:
         return LatentLabels.model_validate(header)
     except ValidationError as err:

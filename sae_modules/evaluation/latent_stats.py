@@ -117,6 +117,25 @@ class LatentStats:
                 for i, v in zip(self.top_images[latent], self.top_values[latent]) if int(i) >= 0]
 
 
+
+def read_versioned_json(file: Path, fmt: str, version: int, field: str, how_to_make: str) -> dict[str, Any]:
+    """A dictionary file's JSON header, checked to be `fmt` at a version this code reads.
+
+    EvaluationError (naming `field`) says whether it is missing (and `how_to_make` it), unreadable,
+    of another format, or newer than this vlm-steer."""
+    try:
+        header = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise EvaluationError(f"no {file.name} in {file.parent}: {how_to_make}", field) from None
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"cannot read {file}: {err}", field) from None
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise EvaluationError(f"{file} is not a {fmt} file", field)
+    if not isinstance(header.get("format_version"), int) or header["format_version"] > version:
+        raise EvaluationError(f"{file} has format_version {header.get('format_version')}; this vlm-steer reads "
+                              f"up to {version}", field)
+    return header
+
 def sae_digest(sae_dir: str | Path) -> str:
     """sha256 over the checkpoint's own files (names and contents), so any change to weights or config shows."""
     directory = Path(sae_dir)
@@ -289,17 +308,8 @@ def save_latent_stats(stats: LatentStats, sae_dir: str | Path) -> Path:
 def load_latent_stats(sae_dir: str | Path) -> LatentStats:
     """Read the statistics beside a checkpoint; EvaluationError names what is missing, newer or corrupt."""
     directory = Path(sae_dir)
-    try:
-        header = json.loads((directory / STATS_JSON).read_text())
-    except FileNotFoundError:
-        raise EvaluationError(f"no {STATS_JSON} in {directory}: run `vlm-steer evaluate stats`", "stats") from None
-    except (OSError, ValueError) as err:
-        raise EvaluationError(f"cannot read {directory / STATS_JSON}: {err}", "stats") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise EvaluationError(f"{directory / STATS_JSON} is not a {FORMAT} file", "stats")
-    if not isinstance(header.get("format_version"), int) or header["format_version"] > FORMAT_VERSION:
-        raise EvaluationError(f"{directory / STATS_JSON} has format_version {header.get('format_version')}; "
-                              f"this vlm-steer reads up to {FORMAT_VERSION}", "stats")
+    header = read_versioned_json(directory / STATS_JSON, FORMAT, FORMAT_VERSION, "stats",
+                                 "run `vlm-steer evaluate stats`")
     try:
         info = StatsInfo.model_validate(header)
         data = (directory / STATS_TENSORS).read_bytes()
