@@ -55,7 +55,7 @@ def capture(base: str, out: Path, example: str | None, prompt: str | None, pin: 
         page.wait_for_function("document.querySelector('#metrics').rows.length > 0 || "
                                "!document.querySelector('#error').hidden", timeout=300_000)
         raw = out.with_suffix(".raw.png")
-        page.screenshot(path=str(raw))
+        page.screenshot(path=str(raw), full_page=True)
         browser.close()
     with Image.open(raw) as image:
         small = image.convert("RGB").quantize(256)

@@ -28,9 +28,9 @@ from service.ui import CHECKOUT_EXAMPLES_DIR
 
 DEMO_IMAGE = "red_circle.png"
 DEMO_PROMPT = "What shape is this?"
-DEMO_PIN = {"latent": 11, "mode": "pin", "value": 60}
-DEMO_CLAIM = '# the demo answers "circle" (DEFAULT); pinning latent 11, its "star" latent, makes it say "star" (STEERED)'
-"""The first request `make serve` prints: on the shipped demo, latent 11 pinned turns a circle into a star."""
+DEMO_PIN = {"latent": 26, "mode": "pin", "value": 60}
+DEMO_CLAIM = '# the demo answers "circle" (DEFAULT); pinning latent 26, its "star" latent, makes it say "star" (STEERED)'
+"""The first request `make serve` prints: on the shipped demo, latent 26 pinned turns a circle into a star."""
 
 
 def run_app(settings: ServiceSettings) -> None:
