@@ -20,6 +20,7 @@ from train_fixtures import D_IN, sparse_activations, write_shards
 from typer.testing import CliRunner
 
 from sae_modules.activations.shards import read_manifest
+from sae_modules.evaluation.latent_stats import check_fresh, load_latent_stats
 from sae_modules.formats import load_sae
 from sae_modules.train import TrainConfig, train_sae
 from sae_modules.train.cli import train
@@ -83,6 +84,18 @@ def test_learns_a_low_fvu_sae_that_takes_raw_activations(shards, tmp_path):
     assert metrics["l0"] == pytest.approx(float((f != 0).sum(1).float().mean()), rel=1e-6)
     assert sae.cfg.source.model_id == "tiny/clip" and sae.cfg.source.layer == -2
     assert sae.cfg.source.tokens == "random:4" and sae.cfg.threshold is not None
+
+
+def test_training_writes_the_final_sae_s_latent_statistics(uninterrupted, shards):
+    """The dictionary beside the trained SAE: fresh for it and over every training vector."""
+    stats = load_latent_stats(uninterrupted)
+    check_fresh(stats.info.sae_sha256, uninterrupted)
+    assert stats.info.n_vectors == read_manifest(shards).count
+    sae = load_sae(uninterrupted).eval()
+    every = torch.cat([load_file(shards / e.file)["activations"] for e in read_manifest(shards).shards])
+    with torch.no_grad():
+        fired = (sae.encode(every) > 0).sum(0)
+    assert torch.equal(stats.fire_count, fired.to(stats.fire_count.dtype))
 
 
 def test_log_has_every_field_and_consistent_figures(uninterrupted):

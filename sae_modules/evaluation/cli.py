@@ -18,11 +18,11 @@ import typer
 from rich.console import Console
 from torch import Tensor
 
-from sae_modules.activations.errors import ExtractError
 from sae_modules.activations.images import FolderImages
-from sae_modules.activations.shards import ShardError
 from sae_modules.activations.towers import load_tower, resolve_device
 from sae_modules.atomic_file import atomic_write_bytes
+from sae_modules.cli_errors import EXIT_CODES, fail
+from sae_modules.errors import ErrorKind, VlmSteerError
 from sae_modules.evaluation.dictionary import write_dictionary
 from sae_modules.evaluation.embedders import load_embedder
 from sae_modules.evaluation.encode import LAST_LAYER, POOLINGS, EncodedDir, ProjectedEmbeddings, encode_images
@@ -43,11 +43,10 @@ from sae_modules.evaluation.steering_score import (
 )
 from sae_modules.evaluation.taxonomy_depth import by_level, csv_taxonomy, folder_taxonomy, latent_depths
 from sae_modules.formats.detect import load_sae
-from sae_modules.formats.errors import CheckpointError
 from sae_modules.saes.base import SAE
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-_ERRORS = (EvaluationError, ExtractError, ShardError, CheckpointError)
+_ERRORS = (VlmSteerError,)
 
 SaeOpt = Annotated[str | None, typer.Option(help="SAE checkpoint (any supported layout) for the chain.")]
 ModelOpt = Annotated[str | None, typer.Option(help="CLIP / LLaVA checkpoint or open_clip:NAME whose tower the SAE reads.")]
@@ -66,9 +65,10 @@ EncodedOpt = Annotated[Path | None, typer.Option(help="Encoded directory written
 
 
 def _fail(err: Exception) -> typer.Exit:
-    field = getattr(err, "field", None)
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {f'{field}: ' if field else ''}{err}", highlight=False)
-    return typer.Exit(2)
+    """One line and the kind's exit code; a foreign error (a file that cannot be parsed) counts as invalid."""
+    if isinstance(err, VlmSteerError):
+        return fail(str(err), EXIT_CODES[err.kind], err.field)
+    return fail(str(err), EXIT_CODES[ErrorKind.INVALID])
 
 
 def _encoded(encoded: Path | None, work: Path, sae: str | None, model: str | None, images: Path | None,

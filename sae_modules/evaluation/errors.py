@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+from sae_modules.errors import VlmSteerError
 
-class EvaluationError(ValueError):
+
+class EvaluationError(VlmSteerError):
     """Input that cannot be evaluated; `field` names the offending option, file or tensor."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field

@@ -13,6 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
+from sae_modules.errors import VlmSteerError
+
 Architecture = Literal["relu", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated"]
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
 #: Architectures that load from foreign checkpoints but have no training loss here.
@@ -34,11 +36,11 @@ class SourceInfo(BaseModel):
     dataset: str | None = None
 
 
-class SAEConfigError(ValueError):
+class SAEConfigError(VlmSteerError):
     """An SAE config or registry lookup that cannot work; the message names the field."""
 
 
-class SAEInputError(ValueError):
+class SAEInputError(VlmSteerError):
     """Activations whose shape does not fit the SAE; the message gives both shapes."""
 
 

@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from sae_modules.errors import VlmSteerError
+
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
 
@@ -41,7 +43,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class BuilderError(ValueError):
+class BuilderError(VlmSteerError):
     """A tiny-model recipe that cannot produce a consistent model (names the offending field)."""
 
 

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from sae_modules.atomic_file import atomic_write_json, sha256_file
+from sae_modules.errors import VlmSteerError
 
 MANIFEST_NAME = "MANIFEST.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(VlmSteerError):
     """The shipped artifacts do not match their manifest (names the file)."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from sae_modules.atomic_file import atomic_write_bytes
+from sae_modules.errors import VlmSteerError
 
 SHAPES = ("circle", "ellipse", "square", "triangle", "star", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -31,7 +32,7 @@ COLOUR_JITTER = 18
 _SUPERSAMPLE = 4
 
 
-class WorldError(ValueError):
+class WorldError(VlmSteerError):
     """A request the shapes world cannot satisfy (names the offending field)."""
 
 

@@ -18,5 +18,11 @@ def train_sae(config: TrainConfig, on_step: Callable[[StepRecord], None] | None 
         plan_run(config)
         from sae_modules.train.ray_train import train_with_ray
 
-        return train_with_ray(config)
-    return run_training(config, on_step=on_step)
+        final = train_with_ray(config)
+    else:
+        final = run_training(config, on_step=on_step)
+    if config.latent_stats:
+        from sae_modules.evaluation.dictionary import write_dictionary
+
+        write_dictionary(final, config.shards, device=config.device)
+    return final

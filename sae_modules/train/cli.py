@@ -17,14 +17,9 @@ import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from sae_modules.activations.shards import ShardError
-from sae_modules.formats import CheckpointError
+from sae_modules.cli_errors import reported_errors
 from sae_modules.formats.native import CFG_FILE, read_json
-from sae_modules.saes.base import SAEConfigError
-from sae_modules.train.config import TrainConfig, TrainConfigError, load_train_config
-
-_USER_ERRORS: tuple[type[Exception], ...] = (TrainConfigError, ShardError, CheckpointError, SAEConfigError)
-"""Failures the user can fix; anything else is a bug and keeps its traceback."""
+from sae_modules.train.config import TrainConfig, load_train_config
 
 _OWN_OPTIONS = ("config", "dry_run")
 
@@ -93,15 +88,12 @@ def _run(config: Path | None, dry_run: bool, **flags: Any) -> None:
     from sae_modules.train.api import train_sae
     from sae_modules.train.trainer import plan_run
 
-    try:
+    with reported_errors():
         settings = load_train_config(config, **_overrides(flags))
         if dry_run:
             typer.echo(plan_run(settings).summary())
             return
         final = train_sae(settings)
-    except _USER_ERRORS as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     metrics = read_json(final / CFG_FILE)["config"].get("metrics", {})
     typer.echo(f"SAE written to {final}")
     if metrics:

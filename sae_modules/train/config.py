@@ -23,10 +23,11 @@ from pydantic import (
     model_validator,
 )
 
+from sae_modules.errors import VlmSteerError
 from sae_modules.saes.base import INFERENCE_ONLY, Architecture, SAESettings
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(VlmSteerError):
     """A training setting (YAML, flag or shard directory) that cannot work; the message names the field."""
 
 
@@ -45,6 +46,8 @@ RESUMABLE_CHANGES = frozenset(
         "log_every",
         "checkpoint_every",
         "keep_checkpoints",
+        "latent_stats",
+        "max_worker_failures",
     }
 )
 
@@ -141,6 +144,14 @@ class TrainConfig(BaseModel):
         "geometric_median", description="b_dec at step 0: the first batch's geometric median, or zeros."
     )
     seed: int = 0
+    max_worker_failures: int = Field(
+        3, ge=-1, description="Ray Train: times a failed or preempted worker group restarts from the last "
+        "checkpoint (-1: without end)."
+    )
+    latent_stats: bool = Field(
+        True, description="Write the final SAE's latent statistics (as `vlm-steer evaluate stats`) beside it, "
+        "computed over the training shards."
+    )
 
     buffer_mb: PositiveFloat = Field(
         1024,

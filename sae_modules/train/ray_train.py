@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from sae_modules.train.config import TrainConfig
@@ -38,7 +38,8 @@ def train_with_ray(config: TrainConfig) -> Path:
         _worker,
         train_loop_config={"config": worker_config.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.device.startswith("cuda")),
-        run_config=RunConfig(name="vlm-steer-train", storage_path=str(out / "ray")),
+        run_config=RunConfig(name="vlm-steer-train", storage_path=str(out / "ray"),
+                             failure_config=FailureConfig(max_failures=config.max_worker_failures)),
     )
     try:
         trainer.fit()
