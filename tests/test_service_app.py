@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import json
 import re
 import socket
 from pathlib import Path
@@ -127,6 +128,21 @@ def test_chat_completions_match_steer(client) -> None:
     assert plain["steering_metrics"] is None
 
 
+def test_chat_stop_strings_cut_the_answer(client) -> None:
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(noise_image(0))}},
+                                             {"type": "text", "text": PROMPT}]}]
+    whole = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8}).json()
+    text = whole["choices"][0]["message"]["content"]
+    words = text.split()
+    assert len(words) >= 2, text
+    stop = words[1]
+    cut = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "stop": stop}).json()
+    choice = cut["choices"][0]
+    assert choice["message"]["content"] == text[:text.index(stop)]
+    assert choice["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] < whole["usage"]["completion_tokens"]
+
+
 def test_encode_top_latent_pinned_raises_it(client) -> None:
     encoding = client.post("/v1/encode", json={"image": data_url(noise_image(0)), "top_k": 5})
     assert encoding.status_code == 200, encoding.text
@@ -198,6 +214,14 @@ def _bad_inputs() -> list[tuple[str, str, dict | bytes, dict, int, str | None, s
         ("wrong content type", "/v1/steer", b"prompt=x", {"Content-Type": "text/plain"}, 415, None,
          "application/json"),
         ("chat without image", "/v1/chat/completions", {"messages": msg}, {}, 400, "messages", "exactly one image"),
+        ("chat too many messages", "/v1/chat/completions", {"messages": msg * 4 + one_image}, {}, 422, "messages",
+         "limit 4"),
+        ("chat image in an assistant message", "/v1/chat/completions",
+         {"messages": [{"role": "assistant", "content": one_image[0]["content"]}, *msg]}, {}, 400,
+         "messages.0.content.0", "only appear in user messages"),
+        ("NaN value", "/v1/steer",
+         json.dumps(steer_body(interventions=[{"latent": 1, "value": float("nan")}])).encode(),
+         {"Content-Type": "application/json"}, 422, "interventions.0.value", "finite"),
         ("chat unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": one_image}, {}, 404, "model",
          "unknown model"),
         ("chat image token in system text", "/v1/chat/completions",
