@@ -64,7 +64,7 @@ def can_use_fast_path(sae: SAE, use_error_term: bool, pre_zero: bool) -> bool:
     return use_error_term and not pre_zero and sae.elementwise
 
 
-def sparse_decode(sae: SAE, latents: Tensor) -> Tensor:
+def decode_latents(sae: SAE, latents: Tensor) -> Tensor:
     """`sae.decode` of [T, n_latents] latents, as a sparse matmul when few of them fire.
 
     A sparse SAE fires a few dozen latents per token out of tens of thousands, so a dense decode
@@ -124,10 +124,10 @@ def edit_activations(
     w_edit = sae.W_dec[index]
     if pre_zero:
         new_recon = edited @ w_edit + sae.b_dec
-        output = x - sparse_decode(sae, latents) + new_recon if use_error_term else new_recon
+        output = x - decode_latents(sae, latents) + new_recon if use_error_term else new_recon
     else:
         delta = (edited - current) @ w_edit
-        output = x + delta if use_error_term else sparse_decode(sae, latents) + delta
+        output = x + delta if use_error_term else decode_latents(sae, latents) + delta
 
     before = [current[touched[:, j], j].mean().item() for j in range(len(ids))]
     after = [edited[touched[:, j], j].mean().item() for j in range(len(ids))]
@@ -151,7 +151,7 @@ def check_edit_bound(edited: Tensor, touched: Tensor, ids: list[int], interventi
 def reconstruction_stats(sae: SAE, x: Tensor, latents: Tensor) -> ReconstructionStats:
     """L0 (mean active latents per token) and FVU over one image's tokens, of the unedited encode."""
     x = x.float()
-    residual = x - sparse_decode(sae, latents)
+    residual = x - decode_latents(sae, latents)
     variance = (x - x.mean(dim=0)).pow(2).sum()
     return ReconstructionStats(
         l0=latents.ne(0).sum(dim=-1).float().mean().item(),

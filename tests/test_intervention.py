@@ -8,9 +8,9 @@ import torch
 from sae_modules.intervention import (
     SPARSE_DECODE_DENSITY,
     can_use_fast_path,
+    decode_latents,
     edit_activations,
     reconstruction_stats,
-    sparse_decode,
     token_mask,
 )
 from sae_modules.intervention_spec import Intervention
@@ -153,6 +153,6 @@ def test_sparse_decode_equals_dense_decode():
     sparse = torch.zeros(T, F)
     sparse[torch.arange(T), torch.arange(T) * 5] = torch.rand(T) + 0.5
     assert sparse.count_nonzero() < SPARSE_DECODE_DENSITY * sparse.numel()
-    torch.testing.assert_close(sparse_decode(sae, sparse), sae.decode(sparse))
+    torch.testing.assert_close(decode_latents(sae, sparse), sae.decode(sparse))
     dense = torch.rand(T, F)
-    torch.testing.assert_close(sparse_decode(sae, dense), sae.decode(dense))
+    torch.testing.assert_close(decode_latents(sae, dense), sae.decode(dense))

@@ -4,6 +4,7 @@ Opens offline; no CDN."""
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -64,7 +65,7 @@ def write_site(out: str | Path, cards: list[LatentCard], top_images: dict[int, l
             "levels": levels, "latents": [card.model_dump() for card in cards]}
     blob = json.dumps(data, allow_nan=False).replace("</", "<\\/")
     assets = files("sae_modules.evaluation.browser") / "assets"
-    fills = {"TITLE": _html_escape(title), "DATA": blob}
+    fills = {"TITLE": html.escape(title), "DATA": blob}
     page = re.sub(r"\{\{(TITLE|DATA)\}\}", lambda m: fills[m.group(1)], (assets / "index.html").read_text())
     (out / "index.html").write_text(page)
     (out / DATA_JSON).write_text(json.dumps(data, allow_nan=False))
@@ -73,6 +74,3 @@ def write_site(out: str | Path, cards: list[LatentCard], top_images: dict[int, l
             shutil.copyfileobj(src, dst)
     return out / "index.html"
 
-
-def _html_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
