@@ -24,6 +24,21 @@ from service.engine.prompts import find_stop, render_prompt, shown_prefix
 from service.engine.types import GenerationListener, GenerationOutput, GenerationRequest, SamplingParams
 
 
+def _ray_stat_loggers() -> list[Any] | None:
+    """Inside a Ray Serve replica, vLLM's engine metrics go out through Ray's metrics agent (the
+    `ray_vllm_*` series the Grafana dashboard and the engine-down alert read); elsewhere (the parity
+    script, a plain process) vLLM keeps its default loggers."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    return [RayPrometheusStatLogger]
+
+
 class AsyncVLLMGenerator:
     """The `TextGenerator` backed by `vllm.v1.engine.async_llm.AsyncLLM`.
 
@@ -42,7 +57,7 @@ class AsyncVLLMGenerator:
         args = AsyncEngineArgs(model=model, enable_mm_embeds=True, limit_mm_per_prompt={"image": 1}, **engine_args)
 
         async def start() -> Any:  # AsyncLLM binds its output handler to the loop it is built on
-            return AsyncLLM.from_engine_args(args)
+            return AsyncLLM.from_engine_args(args, stat_loggers=_ray_stat_loggers())
 
         self.engine = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
         self.width = self.engine.model_config.get_hidden_size()
