@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sae_modules.activations.extract import ExtractionPlan, run_extraction
@@ -11,6 +12,8 @@ from sae_modules.activations.shards import iter_shards
 from sae_modules.activations.tokens import TokenSelection
 from sae_modules.activations.towers import load_tower
 from tests import activations_fixtures as fx
+
+pytestmark = pytest.mark.slow
 
 
 def _rows(out) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import replace
 
+import pytest
 from typer.testing import CliRunner
 
 from sae_modules.formats.detect import load_sae
@@ -13,6 +14,8 @@ from sae_modules.shapes.cli import app
 from sae_modules.shapes.manifest import ManifestError, verify_manifest
 from sae_modules.shapes.rebuild import rebuild, rebuild_sae
 from sae_modules.shapes.recipe import Recipe
+
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_rebuild_is_deterministic_and_manifest_is_true(tmp_path) -> None:

@@ -27,6 +27,8 @@ from service.serve_cli import run_app, wait_ready
 from tests.ray_app import local_serve
 from tests.service_fixtures import N_LATENTS, data_url, noise_image, write_tiny_sae
 
+pytestmark = pytest.mark.slow
+
 APP = "faults"
 TWO_REPLICAS = {"num_replicas": 2, "num_cpus": 0.25}
 WORKERS = 4

@@ -18,6 +18,8 @@ import yaml
 
 from tests.deploy_tools import NAMESPACE, OVERLAYS, ROOT, Pod, one, pods, render, selects
 
+pytestmark = pytest.mark.slow
+
 SCHEMAS = ROOT / "tests" / "data" / "k8s-schemas"
 CRD_FILES = {
     ("ray.io", "RayService"): "ray.io_rayservices.yaml",

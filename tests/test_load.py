@@ -20,6 +20,8 @@ from service.serve_cli import run_app, wait_ready
 from tests.ray_app import free_port, local_serve
 from tests.service_fixtures import write_tiny_sae
 
+pytestmark = pytest.mark.slow
+
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "load_tests" / "locustfile.py"
 REPLICA = {"num_cpus": 0.25}
 SLO_LINE = re.compile(r"SLO: requests=(\d+) rps=([\d.]+) p50=(\d+)ms p95=(\d+)ms failure_ratio=([\d.]+) -> (.*)")

@@ -26,6 +26,8 @@ from service.serve_cli import run_app, wait_ready
 from tests.ray_app import local_serve
 from tests.service_fixtures import N_LATENTS, data_url, encoded, noise_image, write_tiny_sae
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "describe the image ."
 KEY = "test-key-123"
 PIN = {"latent": 20, "mode": "pin", "value": 50.0, "tokens": "all"}

@@ -26,6 +26,8 @@ from sae_modules.shapes.rebuild import rebuild
 from sae_modules.shapes.recipe import Recipe
 from sae_modules.shapes.world import write_folder
 
+pytestmark = pytest.mark.slow
+
 TOP_K = 4
 N_LATENTS = 3
 

@@ -20,6 +20,8 @@ from service.serve_cli import run_app, wait_ready
 from tests.ray_app import local_serve
 from tests.service_fixtures import data_url, noise_image, write_tiny_sae
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "describe the image ."
 PIN = {"latent": 20, "mode": "pin", "value": 50.0}
 REPLICA = {"num_cpus": 0.25}

@@ -11,6 +11,8 @@ from train_fixtures import sparse_activations, write_shards
 
 from sae_modules.train import TrainConfig, train_sae
 
+pytestmark = pytest.mark.slow
+
 
 def test_two_ray_workers_train_the_same_sae_as_one_process(local_ray, tmp_path):
     write_shards(tmp_path / "shards", sparse_activations(3 * 128), shard_size=128)

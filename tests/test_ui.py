@@ -44,10 +44,10 @@ PREFIX = "/playground"
 """The page must work below a Ray Serve route prefix, so the app is served under one."""
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not CHROMIUM.exists() and os.environ.get("CI") != "true",  # in CI the README's playground must be tested: fail
     reason=f"Chromium is not installed at {CHROMIUM} (make chromium)",
-)
+)]
 
 
 def _examples(tmp: Path) -> tuple[Path | None, list[Path]]:
