@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from sae_modules.formats import load_sae
 from sae_modules.train import TrainConfig, train_sae
 from sae_modules.train.cli import train
 from sae_modules.train.state import latest_checkpoint, load_checkpoint
-from sae_modules.train.trainer import lr_at
+from sae_modules.train.trainer import lr_at, plan_run
 
 LOG_FIELDS = {"step", "epoch", "samples", "lr", "loss", "fvu", "l0", "dead_fraction", "loss_l2", "loss_auxk"}
 
@@ -84,6 +85,15 @@ def test_learns_a_low_fvu_sae_that_takes_raw_activations(shards, tmp_path):
     assert metrics["l0"] == pytest.approx(float((f != 0).sum(1).float().mean()), rel=1e-6)
     assert sae.cfg.source.model_id == "tiny/clip" and sae.cfg.source.layer == -2
     assert sae.cfg.source.tokens == "random:4" and sae.cfg.threshold is not None
+
+
+def test_a_run_that_ends_before_theta_is_learned_is_warned_about(shards, tmp_path):
+    with pytest.warns(UserWarning, match="threshold_start_step: 30 steps end before step 1000"):
+        plan_run(_config(shards, tmp_path, threshold_start_step=1000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan_run(_config(shards, tmp_path))
+        plan_run(_config(shards, tmp_path, architecture="topk", threshold_start_step=1000))
 
 
 def test_training_writes_the_final_sae_s_latent_statistics(uninterrupted, shards):

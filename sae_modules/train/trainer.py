@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,10 @@ def plan_run(config: TrainConfig) -> Plan:
     sae_cfg = _sae_config(config, manifest)
     n_train = sum(p.count for p in train_pieces)
     total_steps = config.steps or max(1, math.ceil((config.epochs or 1.0) * n_train / config.batch_size))
+    if sae_cfg.architecture in ("batchtopk", "matryoshka_batchtopk") and total_steps <= config.threshold_start_step:
+        warnings.warn(f"threshold_start_step: {total_steps} steps end before step {config.threshold_start_step}, "
+                      "where θ starts to be learned: the SAE will encode with plain ReLU (lower "
+                      "--threshold-start-step or train longer)", stacklevel=2)
     checkpoint = _checkpoint_to_resume(config, data_fingerprint(manifest))
     return Plan(config, manifest, train_pieces, holdout_pieces, sae_cfg, total_steps, checkpoint)
 
