@@ -21,7 +21,8 @@ from tests.service_fixtures import write_tiny_sae
 
 EXAMPLES = int(os.environ.get("VLM_STEER_FUZZ_API_EXAMPLES", "0"))
 KEY = "fuzz-key"
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(EXAMPLES == 0, reason="long: `make fuzz` runs it")]
+pytestmark = [pytest.mark.slow, pytest.mark.opt_in,
+              pytest.mark.skipif(EXAMPLES == 0, reason="long: `make fuzz` runs it")]
 
 
 @pytest.fixture(scope="module")
