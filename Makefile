@@ -41,11 +41,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
-# The default model and SAE (sae_modules/shapes/assets) and examples/*.png, rebuilt deterministically.
+# The default model and SAE (sae_modules/shapes/assets) and examples/*.png, rebuilt deterministically,
+# then the SAE's latent dictionary (the rebuild replaces the SAE folder, dictionary included).
 demo-model: $(STAMP)
 	$(PY) -m sae_modules.shapes.cli --out sae_modules/shapes/assets --examples examples
+	$(PY) scripts/demo_dictionary.py
 
-# The demo SAE's latent dictionary (statistics + labels beside it, from held-out images); rerun after demo-model.
+# The demo SAE's latent dictionary alone (statistics + labels beside it, from held-out images).
 demo-dictionary: $(STAMP)
 	$(PY) scripts/demo_dictionary.py
 
