@@ -73,9 +73,10 @@ def build_random_demo(target: Path) -> tuple[Path, Path]:
 def check_layers(saes: dict[str, str], layers: dict[str, int]) -> None:
     """Every registry SAE must know its tower block: from its checkpoint or the registry's `layer`.
 
-    Checked before any replica starts, so a checkpoint that records none (the paper's releases: their
-    config.json leaves `layer` empty) fails `vlm-steer serve` with one line saying what to set,
-    not a replica that never becomes healthy. Raises CheckpointError (a ValueError).
+    `vlm-steer serve` checks it before any replica starts, so a checkpoint that records none (the paper's
+    releases: their config.json leaves `layer` empty) fails with one line saying what to set, not a
+    replica that never becomes healthy; replicas do not repeat it (it loads every SAE once more).
+    Raises CheckpointError (a ValueError).
     """
     from sae_modules.formats import CheckpointError, load_sae
 
@@ -90,7 +91,6 @@ def check_layers(saes: dict[str, str], layers: dict[str, int]) -> None:
 def resolve_checkpoints(settings: ServiceSettings) -> Checkpoints:
     saes = {sae_id: entry.path for sae_id, entry in settings.saes.items()}
     layers = {sae_id: entry.layer for sae_id, entry in settings.saes.items() if entry.layer is not None}
-    check_layers(saes, layers)
     if settings.model.path is not None:
         if not saes:
             raise ValueError("config: a model path is set but the SAE registry (saes) is empty")

@@ -22,7 +22,7 @@ import httpx
 import typer
 from pydantic import ValidationError
 
-from service.assets import Checkpoints, resolve_checkpoints
+from service.assets import Checkpoints, check_layers, resolve_checkpoints
 from service.config import ServiceSettings, load_settings
 from service.ui import CHECKOUT_EXAMPLES_DIR
 
@@ -177,6 +177,7 @@ def serve(
     try:
         settings = load_settings(config)
         checkpoints = resolve_checkpoints(settings)
+        check_layers(checkpoints.saes, checkpoints.layers)
     except (ValueError, ValidationError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
