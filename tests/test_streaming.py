@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -87,6 +89,37 @@ def test_streamed_steer_equals_the_unstreamed_answer(base, sampling) -> None:
     assert texts == expected
     assert {o["type"]: o["text"] for o in final["outputs"]} == expected
     assert final["metrics"]["sae"]["latents"][0]["latent"] == PIN["latent"]
+
+
+def first_token_histogram(url: str, endpoint: str) -> tuple[float, float]:
+    """(count, sum) of steer_time_to_first_token_seconds for `endpoint`, scraped from /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    found = {}
+    for part in ("count", "sum"):
+        match = re.search(rf'^steer_time_to_first_token_seconds_{part}{{[^}}]*endpoint="{re.escape(endpoint)}"[^}}]*}} '
+                          r"(\S+)$", text, re.MULTILINE)
+        found[part] = float(match[1]) if match else 0.0
+    return found["count"], found["sum"]
+
+
+def test_time_to_first_token_covers_the_work_before_the_first_text(base) -> None:
+    """The recorded figure lies between the stages that must precede any text (the result's own timings:
+    image decode, preprocessing, tower, SAE edit) and what the client saw from sending to the first delta."""
+    count, total = first_token_histogram(base, "/v1/steer")
+    sent = time.monotonic()
+    first_delta = None
+    with httpx.stream("POST", f"{base}/v1/steer", json={**steer_body(), "stream": True}, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for name, data in sse_events(response):
+            if name == "delta" and first_delta is None:
+                first_delta = time.monotonic() - sent
+            final = data
+    after_count, after_total = first_token_histogram(base, "/v1/steer")
+    assert after_count == count + 1
+    recorded = after_total - total
+    timings = json.loads(final)["metrics"]["timings_s"]
+    before_any_text = sum(timings[stage] for stage in ("decode_image", "preprocess", "tower", "sae"))
+    assert before_any_text <= recorded <= first_delta
 
 
 def test_openai_client_streams_chat_completions(base) -> None:

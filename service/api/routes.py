@@ -246,12 +246,23 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
         tokens = checker.prompt_tokens(conversation, info.image_tokens)
         checker.check_context(tokens, params.max_tokens, info.context_tokens, param)
 
-    async def opened(job: SteerJob, steering: bool) -> AsyncIterator[StreamEvent]:
+    async def opened(job: SteerJob, steering: bool, endpoint: str, received: float) -> AsyncIterator[StreamEvent]:
         """The job's event stream, opened: its first event is here before any response byte is sent, so a job
-        that fails at once (e.g. edits past the bound) is a plain HTTP error, not a broken stream."""
+        that fails at once (e.g. edits past the bound) is a plain HTTP error, not a broken stream.
+
+        The first text delta records the time to first token, counted from `received` (the handler's start)."""
         start = time.monotonic()
         events = aiter(backend.steer_stream(job))
-        first = await bounded(anext(events))
+        timed = False
+
+        def seen(event: StreamEvent) -> StreamEvent:
+            nonlocal timed
+            if not timed and isinstance(event, TextDelta):
+                FIRST_TOKEN.labels(endpoint=endpoint).observe(time.monotonic() - received)
+                timed = True
+            return event
+
+        first = seen(await bounded(anext(events)))
         if isinstance(first, JobError):
             await events.aclose()
             raise _job_failed(first, steering)
@@ -265,7 +276,7 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
                         event = await bounded(anext(events), max(remaining, 0.001))
                     except StopAsyncIteration:
                         return
-                    yield event
+                    yield seen(event)
             finally:
                 await events.aclose()
 
@@ -281,6 +292,7 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
                                               "`event: result` with the full response (or `event: error`)."}})
     async def steer(request: schemas.SteerRequest):
         """Answer `prompt` about `image` with SAE latents edited in the vision tower; optionally also unedited."""
+        received = time.monotonic()
         if len(request.prompt) > limits.max_prompt_chars:
             raise APIError(422, f"prompt has {len(request.prompt)} characters, more than {limits.max_prompt_chars}",
                            "prompt")
@@ -311,17 +323,12 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
             if isinstance(outcome, JobError):
                 raise _job_failed(outcome)
             return response(outcome)
-        events = await opened(job, steering=False)
-        arrived = time.monotonic() - decode_s
+        events = await opened(job, steering=False, endpoint="/v1/steer", received=received)
 
         async def body() -> AsyncIterator[str]:
-            first = True
             try:
                 async for event in events:
                     if isinstance(event, TextDelta):
-                        if first:
-                            FIRST_TOKEN.labels(endpoint="/v1/steer").observe(time.monotonic() - arrived)
-                            first = False
                         yield _sse(schemas.SteerDelta(type=event.type, text=event.text), "delta")
                     elif isinstance(event, JobError):
                         yield _sse(_error_body(_job_failed(event)), "error")
@@ -337,6 +344,7 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
                                "description": "With stream: chat.completion.chunk events, then `data: [DONE]`."}})
     async def chat(request: schemas.ChatCompletionRequest):
         """OpenAI-compatible chat completion over one image, steered when `steering` is given."""
+        received = time.monotonic()
         info, checker = await served()
         if request.model is not None and request.model != info.model_id:
             raise APIError(404, f"unknown model {request.model!r}; GET /v1/models lists it", "model")
@@ -371,8 +379,7 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
                                             finish_reason=output.finish_reason)],
                 usage=output.usage, steering_metrics=metrics if steering is not None else None,
             )
-        events = await opened(job, steering=True)
-        arrived = time.monotonic() - decode_s
+        events = await opened(job, steering=True, endpoint="/v1/chat/completions", received=received)
         include_usage = request.stream_options is not None and request.stream_options.include_usage
 
         def chunk(**fields) -> str:
@@ -380,13 +387,9 @@ def create_app(settings: ServiceSettings, backend: Backend) -> FastAPI:
 
         async def body() -> AsyncIterator[str]:
             yield chunk(choices=[schemas.ChunkChoice(delta=schemas.ChunkDelta(role="assistant", content=""))])
-            first = True
             try:
                 async for event in events:
                     if isinstance(event, TextDelta):
-                        if first:
-                            FIRST_TOKEN.labels(endpoint="/v1/chat/completions").observe(time.monotonic() - arrived)
-                            first = False
                         yield chunk(choices=[schemas.ChunkChoice(delta=schemas.ChunkDelta(content=event.text))])
                     elif isinstance(event, JobError):
                         yield _sse(_error_body(_job_failed(event, steering=True)))
