@@ -36,10 +36,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from sae_modules.activations.shards import ShardError, iter_shards, read_manifest
+from sae_modules.activations.shards import ShardError, iter_shards
 from sae_modules.atomic_file import atomic_write_bytes, sha256_file
 from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.latent_summary import LatentSummaryAccumulator
+from sae_modules.evaluation.sources import shard_manifest_for
 from sae_modules.formats.writing import CHECKPOINT_FILES
 from sae_modules.intervention_spec import Intervention, InterventionError
 from sae_modules.saes.base import SAE
@@ -264,13 +265,7 @@ def compute_latent_stats(sae: SAE, sae_dir: str | Path, shards: str | Path, *, t
                          max_vectors: int | None = None, relative_error: float = RELATIVE_ERROR,
                          device: str | torch.device = "cpu") -> LatentStats:
     """One pass of the SAE's inference encode over the shard directory (up to max_vectors vectors)."""
-    try:
-        manifest = read_manifest(shards)
-    except ShardError as err:
-        raise EvaluationError(str(err), "activations") from None
-    if manifest.d_in != sae.d_in:
-        raise EvaluationError(f"the shards hold d_in={manifest.d_in} vectors but the SAE takes d_in={sae.d_in}",
-                              "activations")
+    manifest = shard_manifest_for(shards, sae.d_in, "activations")
     if top_k < 1:
         raise EvaluationError(f"top_k must be at least 1, got {top_k}", "top_k")
     sae = sae.to(device).eval()

@@ -10,8 +10,9 @@ import os
 
 import torch
 
-from sae_modules.activations.shards import ShardError, iter_shards, read_manifest
+from sae_modules.activations.shards import ShardError, iter_shards
 from sae_modules.evaluation.errors import EvaluationError
+from sae_modules.evaluation.sources import shard_manifest_for
 from sae_modules.metrics import ReconstructionMetrics
 from sae_modules.saes.base import SAE
 
@@ -20,13 +21,7 @@ from sae_modules.saes.base import SAE
 def reconstruction_metrics(sae: SAE, shards: str | os.PathLike, *, max_vectors: int | None = None,
                            batch_size: int = 4096, device: str | torch.device = "cpu") -> dict[str, float]:
     """FVU, MSE, L0, dead and dense fractions over the shard directory's vectors (up to max_vectors)."""
-    try:
-        manifest = read_manifest(shards)
-    except ShardError as err:
-        raise EvaluationError(str(err), "shards") from None
-    if manifest.d_in != sae.d_in:
-        raise EvaluationError(f"the shards hold d_in={manifest.d_in} vectors but the SAE takes d_in={sae.d_in}",
-                              "shards")
+    shard_manifest_for(shards, sae.d_in, "shards")
     sae = sae.to(device).eval()
     dtype = next(sae.parameters()).dtype
     metrics = ReconstructionMetrics(sae.n_latents)

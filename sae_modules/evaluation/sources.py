@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from sae_modules.activations.shards import ShardError, ShardManifest, read_manifest
 from sae_modules.evaluation.errors import EvaluationError
 
 ACTIVATIONS_KEY = "activations"
@@ -105,3 +106,14 @@ def _check_matrix(tensor: Tensor, field: str) -> None:
         raise EvaluationError(f"{field} must be a non-empty matrix [images, columns], got {tuple(tensor.shape)}", field)
     if not torch.is_floating_point(tensor):
         raise EvaluationError(f"{field} must be floating point, got {tensor.dtype}", field)
+
+
+def shard_manifest_for(shards: str | os.PathLike, d_in: int, field: str) -> ShardManifest:
+    """The shard directory's manifest, checked to hold `d_in`-wide vectors; EvaluationError names `field`."""
+    try:
+        manifest = read_manifest(shards)
+    except ShardError as err:
+        raise EvaluationError(str(err), field) from None
+    if manifest.d_in != d_in:
+        raise EvaluationError(f"the shards hold d_in={manifest.d_in} vectors but the SAE takes d_in={d_in}", field)
+    return manifest
