@@ -180,6 +180,14 @@ def _large_only_where_sampled(g: torch.Generator) -> torch.Tensor:
     return pre
 
 
+def _ties_past_first_chunk(g: torch.Generator) -> torch.Tensor:
+    """A few entries above the boundary value 0, whose ties all lie after the first TIE_CHUNK entries."""
+    pre = torch.zeros(64, 3000)
+    pre[: sparse_ops.TIE_CHUNK // 3000 + 1] = -1
+    pre[50, :100] = torch.rand(100, generator=g) + 1
+    return pre
+
+
 BATCH_TOPK_INPUTS = {
     "sample misled (retry)": _large_only_where_sampled,
     "gaussian": lambda g: torch.randn(64, 3000, generator=g),
@@ -187,6 +195,8 @@ BATCH_TOPK_INPUTS = {
     "row norms vary 1000x": lambda g: torch.randn(64, 3000, generator=g) * torch.logspace(0, 3, 64)[:, None],
     "heavy tails": lambda g: torch.distributions.StudentT(1.2).sample((64, 3000)),
     "many ties": lambda g: torch.randint(0, 4, (64, 3000), generator=g).float(),
+    "ties only past the first scan chunk": _ties_past_first_chunk,
+    "bf16 (quantised: ties at the boundary)": lambda g: torch.randn(64, 3000, generator=g).bfloat16(),
     "all equal": lambda g: torch.zeros(64, 3000),
     "mature theta (mostly negative)": lambda g: torch.randn(64, 3000, generator=g) - 4,
     "tiny batch (sample is everything)": lambda g: torch.randn(3, 7, generator=g),

@@ -68,24 +68,47 @@ def _coprime_stride(size: int, n: int) -> int:
     return stride
 
 
-def _indices_at_least(flat: Tensor, threshold: float, mask: Tensor) -> Tensor:
-    """Positions of the entries >= threshold, ascending. On CPU through NumPy, whose flatnonzero
-    is several times faster than torch's `nonzero` there (single-threaded, no count pass)."""
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.float16):
-        marks = np.greater_equal(flat.detach().numpy(), threshold, out=mask.numpy())
-        return torch.from_numpy(np.flatnonzero(marks))
-    return torch.ge(flat, threshold, out=mask).nonzero().squeeze(1)
+def _indices_above(flat: Tensor, threshold: float, mask: Tensor) -> Tensor:
+    """Positions of the entries > threshold, ascending. On CPU the marks go through NumPy's
+    flatnonzero, several times faster than torch's `nonzero` there (single-threaded, no count pass)."""
+    marks = torch.gt(flat, threshold, out=mask)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(marks.numpy()))
+    return marks.nonzero().squeeze(1)
+
+
+#: Entries scanned at a time when looking for the first few ties: small enough that, with ties as
+#: common as they get, the scan stops after a sliver of the batch.
+TIE_CHUNK = 1 << 16
+
+
+def _first_equal(flat: Tensor, value: float, count: int, mask: Tensor) -> Tensor:
+    """Positions of the first `count` entries equal to `value` (fewer if there are fewer), ascending.
+    Scans in chunks and stops once it has them, so heavy ties cost a fraction of a pass."""
+    found: list[Tensor] = []
+    have = 0
+    for start in range(0, flat.numel(), TIE_CHUNK):
+        chunk = flat[start : start + TIE_CHUNK]
+        marks = torch.eq(chunk, value, out=mask[: chunk.numel()])
+        hits = marks.nonzero().squeeze(1)[: count - have] + start
+        found.append(hits)
+        have += hits.numel()
+        if have == count:
+            break
+    return torch.cat(found) if found else flat.new_zeros(0, dtype=torch.long)
 
 
 def batch_topk_selection(pre: Tensor, k: int, mask_out: Tensor | None = None) -> Selection:
-    """The k * B largest pre-activations of the whole [B, n] batch (ties broken arbitrarily).
+    """The k * B largest pre-activations of the whole [B, n] batch (ties broken by position).
 
     Cost independent of how the values are spread over rows: a threshold t is read off an evenly
-    strided sample so that about 1.25 k B entries (plus a few standard deviations) should reach it;
-    one pass lists the entries >= t. If they are at least k B, the batch's
-    top k B is among them (exact), and a top-k over those few candidates picks it; otherwise the
-    sample rank doubles and the pass repeats (at worst t = -inf: the whole batch). `mask_out`, a
-    bool buffer of B * n entries, saves a fresh allocation (page faults) per call.
+    strided sample so that about 1.25 k B entries (plus a few standard deviations) should exceed it;
+    one pass lists the entries > t. If they are at least k B, the batch's top k B is among them
+    (exact), and a top-k over those few candidates picks it. If they fall short, the k B-th value may
+    be t itself (ties: quantised or bf16 pre-activations): the first missing entries equal to t are
+    taken, found by a chunked scan that stops early. Otherwise the sample rank doubles and the pass
+    repeats (at worst t = -inf: the whole batch). `mask_out`, a bool buffer of B * n entries, saves a
+    fresh allocation (page faults) per call.
     """
     n_rows, n = pre.shape
     flat = pre.reshape(-1)
@@ -95,24 +118,21 @@ def batch_topk_selection(pre: Tensor, k: int, mask_out: Tensor | None = None) ->
     rank = int(1.25 * expected + 4 * math.sqrt(expected) + 8)
     mask = mask_out if mask_out is not None else torch.empty_like(flat, dtype=torch.bool)
     while True:
-        if rank < sample.numel():
-            threshold = float(sample.topk(rank, sorted=False).values.min())
-            candidates = _indices_at_least(flat, threshold, mask)
-        else:
-            threshold = -math.inf
-            candidates = torch.arange(flat.numel(), device=pre.device)
+        if rank >= sample.numel():
+            candidates = flat.topk(total, sorted=False).indices.sort().values
+            break
+        threshold = float(sample.topk(rank, sorted=False).values.min())
+        candidates = _indices_above(flat, threshold, mask)
         if candidates.numel() >= total:
+            if candidates.numel() > total:
+                candidates = candidates[flat[candidates].topk(total, sorted=False).indices].sort().values
+            break
+        missing = total - candidates.numel()
+        ties = _first_equal(flat, threshold, missing, mask)
+        if ties.numel() == missing:
+            candidates = torch.cat([candidates, ties]).sort().values
             break
         rank *= 2
-    if candidates.numel() > total:
-        values = flat[candidates]
-        above = values > threshold
-        n_above = int(above.sum())
-        if n_above <= total:  # t is the k B-th value itself: take everything above it, then ties
-            ties = (~above).cumsum(0) <= total - n_above
-            candidates = candidates[above | (ties & ~above)]
-        else:
-            candidates = candidates[values.topk(total, sorted=False).indices].sort().values
     rows = candidates // n
     return Selection(rows, candidates - rows * n, crow_from_rows(rows, n_rows), (n_rows, n))
 
