@@ -21,8 +21,10 @@ other processes lands on all alike; vectors/s counts step time only (step 0 is a
 
 Held-out FVU after the same number of steps uses each model's training-time selection (per-vector
 top-k, or batch top-k) and, for schedule-free runners, the averaged weights they would ship.
-`BENCH_SIZE=smoke|small|default` picks the sizes, `BENCH_STEPS` overrides the steps, `BENCH_DEVICE`
-the device, `BENCH_DISTRIBUTIONS` a comma-separated subset.
+Every runner gets the same batches, divided by √mean‖x‖² of the first ones as the trainer divides
+them. `BENCH_SIZE=smoke|small|default` picks the sizes, `BENCH_STEPS` overrides the steps,
+`BENCH_DEVICE` the device, `BENCH_DISTRIBUTIONS` a comma-separated subset, `BENCH_SEED` the data and
+initial weights (runs over several seeds give the range).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from torch import Tensor, nn
 
 from sae_modules.metrics import ReconstructionMetrics
 from sae_modules.saes import SAE, SAEConfig, build_sae, fire_counts, group_sizes_from_fractions
+from sae_modules.saes.topk import SPARSE_AUXK_RATIO
 from sae_modules.train.optim import inference_weights, make_optimizer
+from sae_modules.train.trainer import estimate_input_scale
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 MATRYOSHKA_FRACTIONS = [1 / 16, 3 / 16, 1 / 4, 1 / 2]
@@ -160,9 +164,24 @@ class DemoTower(Source):
         return list(self.held.split(self.size.batch))[: max(n_batches, 1)]
 
 
-DISTRIBUTIONS: dict[str, Callable[[BenchSize], Source]] = {
-    "planted": lambda size: Planted(size, exp_coefficients=False),
-    "planted-exp": lambda size: Planted(size, exp_coefficients=True),
+class Normalised(Source):
+    """Another source's batches divided by √mean‖x‖² of its first batches, as the trainer feeds
+    its SAE (`estimate_input_scale`), so every distribution reaches the runners at one scale."""
+
+    def __init__(self, inner: Source, scale_batches: int = 8) -> None:
+        self.inner, self.d_in = inner, inner.d_in
+        self.scale = estimate_input_scale(iter(inner.batch, None), scale_batches)
+
+    def batch(self) -> Tensor:
+        return self.inner.batch() / self.scale
+
+    def heldout(self, n_batches: int) -> list[Tensor]:
+        return [x / self.scale for x in self.inner.heldout(n_batches)]
+
+
+DISTRIBUTIONS: dict[str, Callable[[BenchSize, int], Source]] = {
+    "planted": lambda size, seed: Planted(size, exp_coefficients=False, seed=seed),
+    "planted-exp": lambda size, seed: Planted(size, exp_coefficients=True, seed=seed),
     "student-t": StudentT,
     "demo-tower": DemoTower,
 }
@@ -383,16 +402,19 @@ def race(runners: list[Runner], source: Source, steps: int, device: torch.device
                 runner.seconds += time.perf_counter() - start
 
 
-def run_distribution(name: str, size: BenchSize, device: torch.device) -> list[dict[str, float | str]]:
+def run_distribution(
+    name: str, size: BenchSize, device: torch.device, seed: int = 0
+) -> list[dict[str, float | str]]:
     """Every runner on one distribution; one architecture group's weights alive at a time, each
-    group raced with both sparsify runners so every ratio comes from the same batches and load."""
-    source = DISTRIBUTIONS[name](size)
+    group raced with both sparsify runners so every ratio comes from the same batches and load.
+    `seed` picks the data and the initial weights."""
+    source = Normalised(DISTRIBUTIONS[name](size, seed))
     size = replace(size, d_in=source.d_in)
     heldout = [x.to(device) for x in source.heldout(size.heldout_batches)]
     vectors = size.steps * size.batch
     rows: list[dict[str, float | str]] = []
     for i, arch in enumerate(ARCHITECTURES):
-        torch.manual_seed(i)
+        torch.manual_seed(1000 * seed + i)
         groups = (
             group_sizes_from_fractions(size.n_latents, MATRYOSHKA_FRACTIONS)
             if arch.startswith("matryoshka")
@@ -441,6 +463,7 @@ SELECTION_INPUTS: dict[str, Callable[[int, int, torch.Generator], Tensor]] = {
     ),
     "mature θ (mostly < 0)": lambda b, n, g: torch.randn(b, n, generator=g) - 4,
     "many ties (5 values)": lambda b, n, g: torch.randint(0, 5, (b, n), generator=g).float(),
+    "bf16 (ties at the boundary)": lambda b, n, g: torch.randn(b, n, generator=g).bfloat16(),
 }
 
 
@@ -466,6 +489,36 @@ def selection_race(size: BenchSize, repeats: int = 5) -> list[dict[str, float | 
     return rows
 
 
+def auxk_race(size: BenchSize, repeats: int = 6) -> list[dict[str, float | str]]:
+    """A TopK training step (forward + backward) with AuxK always through the dense [B, n_dead] block
+    over the same step with the sparse path past `SPARSE_AUXK_RATIO`, at several counts of truly
+    dead latents (their b_enc pushed far below the others), interleaved; median of CPU times."""
+    from sae_modules.saes import topk as topk_module
+
+    ratio = topk_module.SPARSE_AUXK_RATIO
+    rows = []
+    for fraction in (0.02, 0.25, 0.5, 0.85):
+        torch.manual_seed(0)
+        sae = build_sae(SAEConfig(architecture="topk", d_in=size.d_in, n_latents=size.n_latents, k=size.k))
+        n_dead = int(fraction * size.n_latents)
+        with torch.no_grad():
+            sae.b_enc[:n_dead] = -5.0
+        x = torch.randn(size.batch, size.d_in) / math.sqrt(size.d_in)
+        dead = torch.arange(size.n_latents) < n_dead
+        times: dict[float, list[float]] = {ratio: [], math.inf: []}
+        for i in range(repeats + 1):
+            for setting in (ratio, math.inf) if i % 2 else (math.inf, ratio):
+                topk_module.SPARSE_AUXK_RATIO = setting
+                start = time.process_time()
+                sae(x, dead_mask=dead).loss.backward()
+                times[setting].append(time.process_time() - start)
+                sae.zero_grad()
+        topk_module.SPARSE_AUXK_RATIO = ratio
+        median = {s: sorted(t[1:])[len(t[1:]) // 2] for s, t in times.items()}
+        rows.append({"dead": n_dead, "speedup": median[math.inf] / median[ratio]})
+    return rows
+
+
 def markdown(rows: list[dict[str, float | str]]) -> str:
     head = (
         "| distribution | architecture | runner | vectors/s | × sparsify TopK (signum) | held-out FVU |\n"
@@ -485,17 +538,22 @@ def main() -> None:
         size = replace(size, steps=int(steps))
     device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
     names = os.environ.get("BENCH_DISTRIBUTIONS", ",".join(DISTRIBUTIONS)).split(",")
+    seed = int(os.environ.get("BENCH_SEED", "0"))
     print(
         f"SAE training on {device} ({torch.get_num_threads()} threads): d_in={size.d_in} (demo-tower: the tower's), "
         f"n_latents={size.n_latents}, k={size.k}, batch={size.batch}, {size.steps} timed steps, constant LR "
-        f"(adam {size.lr('adam'):.2e}, signum {size.lr('signum'):.2e})",
+        f"(adam {size.lr('adam'):.2e}, signum {size.lr('signum'):.2e}), inputs scaled to mean ‖x‖² = 1, seed {seed}",
         flush=True,
     )
     print(f"batch top-k selection / per-row top-k, [{size.batch}, {size.n_latents}], k={size.k}")
     print("| pre-activations | median | range |\n|---|---:|---:|")
     for r in selection_race(size):
         print(f"| {r['input']} | {r['median']:.2f}× | {r['low']:.2f}–{r['high']:.2f}× |", flush=True)
-    rows = [row for name in names if name for row in run_distribution(name, size, device)]
+    print(f"TopK step with AuxK dense / with AuxK sparse past {SPARSE_AUXK_RATIO}·k_aux dead, d_in={size.d_in}")
+    print("| dead latents | speed-up |\n|---:|---:|")
+    for r in auxk_race(size):
+        print(f"| {r['dead']:,} | {r['speedup']:.2f}× |", flush=True)
+    rows = [row for name in names if name for row in run_distribution(name, size, device, seed)]
     print(markdown(rows))
 
 

@@ -21,6 +21,7 @@ from sae_modules.saes import (
     sparse_ops,
 )
 from sae_modules.saes.sparse_ops import batch_topk_selection
+from sae_modules.saes.topk import SPARSE_AUXK_RATIO
 
 D_IN, N_TRUE, N_LATENTS, K_TRUE = 32, 48, 96, 3
 TOPK_FAMILY = ["topk", "batchtopk", "matryoshka_batchtopk"]
@@ -132,7 +133,8 @@ def dense_reference_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> tuple
         prefix.append((x - recon).pow(2).sum(-1).mean())
     residual = (x - recon).detach()
     dead = dead & ~(f != 0).any(0)  # firing on this batch revives a latent before AuxK looks
-    aux_values, aux_idx = torch.where(dead, pre, -torch.inf).topk(min(D_IN // 2, int(dead.sum())), dim=1)
+    k_aux = min(sae.cfg.auxk_k or D_IN // 2, int(dead.sum()))
+    aux_values, aux_idx = torch.where(dead, pre, -torch.inf).topk(k_aux, dim=1)
     aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_values.relu())
     auxk = (residual - aux @ sae.W_dec).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(
         -1
@@ -143,10 +145,11 @@ def dense_reference_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> tuple
 
 
 @pytest.mark.parametrize("dead_fraction", [0.1, 0.6])  # fewer / more dead latents than AuxK keeps
+@pytest.mark.parametrize("auxk_k", [None, 2])  # 2: at 0.6 dead, AuxK's own sparse path
 @pytest.mark.parametrize("arch", TOPK_FAMILY)
-def test_sparse_path_matches_dense_autograd(arch: str, dead_fraction: float) -> None:
+def test_sparse_path_matches_dense_autograd(arch: str, dead_fraction: float, auxk_k: int | None) -> None:
     torch.manual_seed(0)
-    sae = build_sae(make_cfg(arch))
+    sae = build_sae(make_cfg(arch, auxk_k=auxk_k))
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
@@ -154,6 +157,8 @@ def test_sparse_path_matches_dense_autograd(arch: str, dead_fraction: float) -> 
     out = sae(x, dead_mask=dead)
     still_dead = int((dead & (fire_counts(out.latents) == 0)).sum())
     assert 0 < still_dead and (still_dead > D_IN // 2) == (dead_fraction > 0.5)
+    k_aux = min(auxk_k or D_IN // 2, still_dead)
+    assert (still_dead >= SPARSE_AUXK_RATIO * k_aux) == (auxk_k is not None and dead_fraction > 0.5)
     out.loss.backward()
     grads = [p.grad.clone() for p in sae.parameters()]
     sae.zero_grad()

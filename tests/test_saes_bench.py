@@ -64,3 +64,15 @@ def test_main_prints_the_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
         "| distribution | architecture | runner |" in table
         and "| planted | matryoshka_batchtopk | ours signum |" in table
     )
+
+
+@pytest.mark.parametrize("name", ["planted-exp", "student-t"])
+def test_runners_see_batches_at_unit_mean_squared_norm(name: str) -> None:
+    """The trainer's input scaling, applied to raw batches whose norms vary tenfold."""
+    size = bench_train.SIZES["smoke"]
+    raw = bench_train.DISTRIBUTIONS[name](size, 3)
+    first = [raw.batch() for _ in range(8)]
+    expected = torch.cat(first).pow(2).sum(1).mean().sqrt()
+    scaled = bench_train.Normalised(bench_train.DISTRIBUTIONS[name](size, 3))
+    assert scaled.scale == pytest.approx(float(expected), rel=1e-5)
+    assert torch.allclose(scaled.batch(), raw.batch() / expected)

@@ -21,6 +21,12 @@ def squared_error(x: Tensor, recon: Tensor) -> Tensor:
     return (x - recon).pow(2).sum(-1).mean()
 
 
+#: AuxK goes through the sparse path once the dead latents outnumber the ones it keeps per vector
+#: (k_aux) this many times: below, the dense [B, n_dead] block is cheaper; above, it costs up to
+#: 2x the sparse pick (measured at d_in 64/256/1024, `benchmarks/bench_train.py` README section).
+SPARSE_AUXK_RATIO = 16
+
+
 class TopKSAE(SAE):
     """Per-vector top-k at training and at inference.
 
@@ -71,15 +77,25 @@ class TopKSAE(SAE):
         """How well each vector's top dead latents reconstruct its residual, over the residual's variance."""
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(self._cfg.auxk_k or self.d_in // 2, dead.numel())
-        block = pick_columns(pre, x, self.W_enc, self.b_enc, self.b_dec, dead)
-        if k_aux < dead.numel():
-            keep = torch.zeros_like(block, dtype=torch.bool)
-            keep.scatter_(1, block.detach().topk(k_aux, dim=1, sorted=False).indices, True)
-            block = block * keep
-        e_hat = block.relu() @ self.W_dec.index_select(0, dead)
+        if dead.numel() >= SPARSE_AUXK_RATIO * k_aux:
+            e_hat = self._sparse_auxk_decode(pre, x, dead, k_aux)
+        else:
+            block = pick_columns(pre, x, self.W_enc, self.b_enc, self.b_dec, dead)
+            if k_aux < dead.numel():
+                keep = torch.zeros_like(block, dtype=torch.bool)
+                keep.scatter_(1, block.detach().topk(k_aux, dim=1, sorted=False).indices, True)
+                block = block * keep
+            e_hat = block.relu() @ self.W_dec.index_select(0, dead)
         err = squared_error(residual, e_hat)
         variance = squared_error(residual, residual.mean(0))
         return (err / variance).nan_to_num(0.0)
+
+    def _sparse_auxk_decode(self, pre: Tensor, x: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """The AuxK reconstruction through the sparse path: each vector's k_aux top dead latents
+        picked and decoded like the main selection, for when dead latents are many."""
+        chosen = topk_selection(pre.index_select(1, dead), k_aux)
+        sel = chosen._replace(cols=dead[chosen.cols], shape=tuple(pre.shape))
+        return sparse_decode(sel, pick_pre_acts(pre, x, self.W_enc, self.b_enc, self.b_dec, sel).relu(), self.W_dec)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
         """Training semantics. `dead_mask` (bool [n_latents]) turns on the AuxK loss over the latents
