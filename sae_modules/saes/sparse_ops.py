@@ -146,32 +146,35 @@ def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:
 class _PickPreActs(torch.autograd.Function):
     """pre[rows, cols] where pre = (x - b_dec) @ W_enc + b_enc was computed without autograd.
 
-    The backward builds the gradient of the selected entries as a CSR matrix S [B, n_latents]:
-    dW_enc = (x - b_dec)^T S, db_enc = column sums of S, db_dec = -W_enc db_enc.
+    With S [B, n_latents] the gradient of the selected entries: dW_enc = (x - b_dec)^T S, one
+    `embedding_bag` over the entries grouped by latent (each latent's column sums its vectors'
+    rows, weighted by their gradients; 3-4x faster on CPU than a dense-times-CSR product);
+    db_enc = column sums of S, db_dec = -W_enc db_enc; dx = S W_enc^T as CSR times dense.
     """
 
     @staticmethod
     def forward(ctx, pre, x, W_enc, b_enc, b_dec, rows, cols, crow):  # type: ignore[override]
-        ctx.save_for_backward(x, W_enc, b_dec, cols, crow)
+        ctx.save_for_backward(x, W_enc, b_dec, rows, cols, crow)
         return pre[rows, cols]
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, W_enc, b_dec, cols, crow = ctx.saved_tensors
+        x, W_enc, b_dec, rows, cols, crow = ctx.saved_tensors
         need_x, need_w, need_b_enc, need_b_dec = ctx.needs_input_grad[1:5]
         grad_x = grad_w = grad_b_enc = grad_b_dec = None
         grad = grad.contiguous()
-        sparse = torch.sparse_csr_tensor(
-            crow, cols, grad, (x.shape[0], W_enc.shape[1]), check_invariants=False
-        )
+        n_latents = W_enc.shape[1]
         if need_w:
-            grad_w = torch.mm((x - b_dec).T, sparse)
+            by_latent = cols.argsort(stable=True)
+            grad_w = F.embedding_bag(
+                rows[by_latent], x - b_dec, crow_from_rows(cols[by_latent], n_latents), mode="sum",
+                per_sample_weights=grad[by_latent], include_last_offset=True,
+            ).T
         if need_x:
+            sparse = torch.sparse_csr_tensor(crow, cols, grad, (x.shape[0], n_latents), check_invariants=False)
             grad_x = torch.mm(sparse, W_enc.T)
         if need_b_enc or need_b_dec:
-            col_sums = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(
-                0, cols, grad
-            )
+            col_sums = torch.zeros(n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
             grad_b_enc = col_sums if need_b_enc else None
             grad_b_dec = -(W_enc @ col_sums) if need_b_dec else None
         return None, grad_x, grad_w, grad_b_enc, grad_b_dec, None, None, None
