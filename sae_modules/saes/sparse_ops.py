@@ -107,7 +107,7 @@ def batch_topk_selection(pre: Tensor, k: int, mask_out: Tensor | None = None) ->
     (exact), and a top-k over those few candidates picks it. If they fall short, the k B-th value may
     be t itself (ties: quantised or bf16 pre-activations): the first missing entries equal to t are
     taken, found by a chunked scan that stops early. Otherwise the sample rank doubles and the pass
-    repeats (at worst t = -inf: the whole batch). `mask_out`, a bool buffer of B * n entries, saves a
+    repeats (at worst a top-k over the whole batch). `mask_out`, a bool buffer of B * n entries, saves a
     fresh allocation (page faults) per call.
     """
     n_rows, n = pre.shape

@@ -22,8 +22,9 @@ def squared_error(x: Tensor, recon: Tensor) -> Tensor:
 
 
 #: AuxK goes through the sparse path once the dead latents outnumber the ones it keeps per vector
-#: (k_aux) this many times: below, the dense [B, n_dead] block is cheaper; above, it costs up to
-#: 2x the sparse pick (measured at d_in 64/256/1024, `benchmarks/bench_train.py` README section).
+#: (k_aux) this many times: below, the dense [B, n_dead] block is cheaper; above, a step with it
+#: costs up to 1.9x one with the sparse pick (crossover measured at d_in 64/256/1024; the race is
+#: printed by `python -m benchmarks train`).
 SPARSE_AUXK_RATIO = 16
 
 
