@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from sae_modules.metrics import ReconstructionMetrics
 from sae_modules.saes import SAE, SAEConfig, build_sae, fire_counts, group_sizes_from_fractions
-from sae_modules.saes.topk import SPARSE_AUXK_RATIO
+from sae_modules.saes import topk as topk_module
 from sae_modules.train.optim import inference_weights, make_optimizer
 from sae_modules.train.trainer import estimate_input_scale
 
@@ -493,8 +493,6 @@ def auxk_race(size: BenchSize, repeats: int = 6) -> list[dict[str, float | str]]
     """A TopK training step (forward + backward) with AuxK always through the dense [B, n_dead] block
     over the same step with the sparse path past `SPARSE_AUXK_RATIO`, at several counts of truly
     dead latents (their b_enc pushed far below the others), interleaved; median of CPU times."""
-    from sae_modules.saes import topk as topk_module
-
     ratio = topk_module.SPARSE_AUXK_RATIO
     rows = []
     for fraction in (0.02, 0.25, 0.5, 0.85):
@@ -542,14 +540,16 @@ def main() -> None:
     print(
         f"SAE training on {device} ({torch.get_num_threads()} threads): d_in={size.d_in} (demo-tower: the tower's), "
         f"n_latents={size.n_latents}, k={size.k}, batch={size.batch}, {size.steps} timed steps, constant LR "
-        f"(adam {size.lr('adam'):.2e}, signum {size.lr('signum'):.2e}), inputs scaled to mean ‖x‖² = 1, seed {seed}",
+        f"(adam {size.lr('adam'):.2e}, signum {size.lr('signum'):.2e}), "
+        f"inputs scaled to mean ‖x‖² = 1, seed {seed}",
         flush=True,
     )
     print(f"batch top-k selection / per-row top-k, [{size.batch}, {size.n_latents}], k={size.k}")
     print("| pre-activations | median | range |\n|---|---:|---:|")
     for r in selection_race(size):
         print(f"| {r['input']} | {r['median']:.2f}× | {r['low']:.2f}–{r['high']:.2f}× |", flush=True)
-    print(f"TopK step with AuxK dense / with AuxK sparse past {SPARSE_AUXK_RATIO}·k_aux dead, d_in={size.d_in}")
+    switch = topk_module.SPARSE_AUXK_RATIO
+    print(f"TopK step with AuxK dense / with AuxK sparse past {switch}·k_aux dead, d_in={size.d_in}")
     print("| dead latents | speed-up |\n|---:|---:|")
     for r in auxk_race(size):
         print(f"| {r['dead']:,} | {r['speedup']:.2f}× |", flush=True)

@@ -225,6 +225,10 @@ def test_batch_topk_selection_equals_flatten_and_topk(name: str) -> None:
         assert torch.equal(got.flatten(), expected)
     flat_index = sel.rows * pre.shape[1] + sel.cols
     assert bool((flat_index[1:] > flat_index[:-1]).all())  # row-major, columns sorted in each row
+    if name == "ties only past the first scan chunk":  # the early-stopping scan took the first ties
+        tied = (pre.flatten() == kth).nonzero().squeeze(1)
+        taken = flat_index[pre.flatten()[flat_index] == kth]
+        assert tied[0] >= sparse_ops.TIE_CHUNK and torch.equal(taken, tied[: taken.numel()])
     assert torch.equal(sel.crow[1:] - sel.crow[:-1], got.sum(1))
 
 

@@ -171,8 +171,8 @@ class _PickPreActs(torch.autograd.Function):
                 per_sample_weights=grad[by_latent], include_last_offset=True,
             ).T
         if need_x:
-            sparse = torch.sparse_csr_tensor(crow, cols, grad, (x.shape[0], n_latents), check_invariants=False)
-            grad_x = torch.mm(sparse, W_enc.T)
+            shape = (x.shape[0], n_latents)
+            grad_x = torch.mm(torch.sparse_csr_tensor(crow, cols, grad, shape, check_invariants=False), W_enc.T)
         if need_b_enc or need_b_dec:
             col_sums = torch.zeros(n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
             grad_b_enc = col_sums if need_b_enc else None

@@ -96,7 +96,8 @@ class TopKSAE(SAE):
         picked and decoded like the main selection, for when dead latents are many."""
         chosen = topk_selection(pre.index_select(1, dead), k_aux)
         sel = chosen._replace(cols=dead[chosen.cols], shape=tuple(pre.shape))
-        return sparse_decode(sel, pick_pre_acts(pre, x, self.W_enc, self.b_enc, self.b_dec, sel).relu(), self.W_dec)
+        values = pick_pre_acts(pre, x, self.W_enc, self.b_enc, self.b_dec, sel).relu()
+        return sparse_decode(sel, values, self.W_dec)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
         """Training semantics. `dead_mask` (bool [n_latents]) turns on the AuxK loss over the latents
