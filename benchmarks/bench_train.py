@@ -43,7 +43,6 @@ from torch import Tensor, nn
 
 from sae_modules.metrics import ReconstructionMetrics
 from sae_modules.saes import SAE, SAEConfig, build_sae, fire_counts, group_sizes_from_fractions
-from sae_modules.saes import topk as topk_module
 from sae_modules.train.optim import inference_weights, make_optimizer
 from sae_modules.train.trainer import estimate_input_scale
 
@@ -489,31 +488,35 @@ def selection_race(size: BenchSize, repeats: int = 5) -> list[dict[str, float | 
     return rows
 
 
-def auxk_race(size: BenchSize, repeats: int = 6) -> list[dict[str, float | str]]:
-    """A TopK training step (forward + backward) with AuxK always through the dense [B, n_dead] block
-    over the same step with the sparse path past `SPARSE_AUXK_RATIO`, at several counts of truly
-    dead latents (their b_enc pushed far below the others), interleaved; median of CPU times."""
-    ratio = topk_module.SPARSE_AUXK_RATIO
+def auxk_cost(size: BenchSize, repeats: int = 6) -> list[dict[str, float | str]]:
+    """A TopK training step (forward + backward) with AuxK over the same step without it, interleaved;
+    median of CPU times. The dead latents have either no positive pre-activation (b_enc pushed far
+    down: what training produces) or half of them positive (encoder columns shrunk so they never win
+    a top-k: rows hold more than k_aux candidates, the worst case for AuxK's selection)."""
     rows = []
-    for fraction in (0.02, 0.25, 0.5, 0.85):
-        torch.manual_seed(0)
-        sae = build_sae(SAEConfig(architecture="topk", d_in=size.d_in, n_latents=size.n_latents, k=size.k))
-        n_dead = int(fraction * size.n_latents)
-        with torch.no_grad():
-            sae.b_enc[:n_dead] = -5.0
-        x = torch.randn(size.batch, size.d_in) / math.sqrt(size.d_in)
-        dead = torch.arange(size.n_latents) < n_dead
-        times: dict[float, list[float]] = {ratio: [], math.inf: []}
-        for i in range(repeats + 1):
-            for setting in (ratio, math.inf) if i % 2 else (math.inf, ratio):
-                topk_module.SPARSE_AUXK_RATIO = setting
-                start = time.process_time()
-                sae(x, dead_mask=dead).loss.backward()
-                times[setting].append(time.process_time() - start)
-                sae.zero_grad()
-        topk_module.SPARSE_AUXK_RATIO = ratio
-        median = {s: sorted(t[1:])[len(t[1:]) // 2] for s, t in times.items()}
-        rows.append({"dead": n_dead, "speedup": median[math.inf] / median[ratio]})
+    for kind in ("none positive", "half positive"):
+        for fraction in (0.02, 0.25, 0.5, 0.85):
+            torch.manual_seed(0)
+            sae = build_sae(
+                SAEConfig(architecture="topk", d_in=size.d_in, n_latents=size.n_latents, k=size.k)
+            )
+            n_dead = int(fraction * size.n_latents)
+            with torch.no_grad():
+                if kind == "none positive":
+                    sae.b_enc[:n_dead] = -5.0
+                else:
+                    sae.W_enc[:, :n_dead] *= 0.25
+            x = torch.randn(size.batch, size.d_in) / math.sqrt(size.d_in)
+            dead = torch.arange(size.n_latents) < n_dead
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for i in range(repeats + 1):
+                for with_auxk in (True, False) if i % 2 else (False, True):
+                    start = time.process_time()
+                    sae(x, dead_mask=dead if with_auxk else None).loss.backward()
+                    times[with_auxk].append(time.process_time() - start)
+                    sae.zero_grad()
+            median = {s: sorted(t[1:])[len(t[1:]) // 2] for s, t in times.items()}
+            rows.append({"kind": kind, "dead": n_dead, "cost": median[True] / median[False]})
     return rows
 
 
@@ -548,11 +551,10 @@ def main() -> None:
     print("| pre-activations | median | range |\n|---|---:|---:|")
     for r in selection_race(size):
         print(f"| {r['input']} | {r['median']:.2f}× | {r['low']:.2f}–{r['high']:.2f}× |", flush=True)
-    switch = topk_module.SPARSE_AUXK_RATIO
-    print(f"TopK step with AuxK dense / with AuxK sparse past {switch}·k_aux dead, d_in={size.d_in}")
-    print("| dead latents | speed-up |\n|---:|---:|")
-    for r in auxk_race(size):
-        print(f"| {r['dead']:,} | {r['speedup']:.2f}× |", flush=True)
+    print(f"TopK step with AuxK / without, d_in={size.d_in}")
+    print("| dead latents | their pre-activations | time |\n|---:|---|---:|")
+    for r in auxk_cost(size):
+        print(f"| {r['dead']:,} | {r['kind']} | {r['cost']:.2f}× |", flush=True)
     rows = [row for name in names if name for row in run_distribution(name, size, device, seed)]
     print(markdown(rows))
 

@@ -20,8 +20,7 @@ from sae_modules.saes import (
     group_sizes_from_fractions,
     sparse_ops,
 )
-from sae_modules.saes.sparse_ops import batch_topk_selection
-from sae_modules.saes.topk import SPARSE_AUXK_RATIO
+from sae_modules.saes.sparse_ops import batch_topk_selection, top_positive_selection
 
 D_IN, N_TRUE, N_LATENTS, K_TRUE = 32, 48, 96, 3
 TOPK_FAMILY = ["topk", "batchtopk", "matryoshka_batchtopk"]
@@ -145,7 +144,7 @@ def dense_reference_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> tuple
 
 
 @pytest.mark.parametrize("dead_fraction", [0.1, 0.6])  # fewer / more dead latents than AuxK keeps
-@pytest.mark.parametrize("auxk_k", [None, 2])  # 2: at 0.6 dead, AuxK's own sparse path
+@pytest.mark.parametrize("auxk_k", [None, 2])  # 2: most rows hold more positive dead latents than AuxK keeps
 @pytest.mark.parametrize("arch", TOPK_FAMILY)
 def test_sparse_path_matches_dense_autograd(arch: str, dead_fraction: float, auxk_k: int | None) -> None:
     torch.manual_seed(0)
@@ -155,10 +154,13 @@ def test_sparse_path_matches_dense_autograd(arch: str, dead_fraction: float, aux
         sae.b_dec.normal_()
     x, dead = torch.randn(40, D_IN), torch.rand(N_LATENTS) < dead_fraction
     out = sae(x, dead_mask=dead)
-    still_dead = int((dead & (fire_counts(out.latents) == 0)).sum())
-    assert 0 < still_dead and (still_dead > D_IN // 2) == (dead_fraction > 0.5)
-    k_aux = min(auxk_k or D_IN // 2, still_dead)
-    assert (still_dead >= SPARSE_AUXK_RATIO * k_aux) == (auxk_k is not None and dead_fraction > 0.5)
+    still_dead = dead & (fire_counts(out.latents) == 0)
+    assert 0 < int(still_dead.sum()) and (int(still_dead.sum()) > D_IN // 2) == (dead_fraction > 0.5)
+    k_aux = min(auxk_k or D_IN // 2, int(still_dead.sum()))
+    with torch.no_grad():
+        positive_dead = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc > 0)[:, still_dead].sum(1)
+    crowded = positive_dead > k_aux  # rows where AuxK's selection takes a top-k, not every positive
+    assert bool(crowded.any()) == (auxk_k is not None or dead_fraction > 0.5)
     out.loss.backward()
     grads = [p.grad.clone() for p in sae.parameters()]
     sae.zero_grad()
@@ -229,6 +231,30 @@ def test_batch_topk_selection_equals_flatten_and_topk(name: str) -> None:
         tied = (pre.flatten() == kth).nonzero().squeeze(1)
         taken = flat_index[pre.flatten()[flat_index] == kth]
         assert tied[0] >= sparse_ops.TIE_CHUNK and torch.equal(taken, tied[: taken.numel()])
+    assert torch.equal(sel.crow[1:] - sel.crow[:-1], got.sum(1))
+
+
+@pytest.mark.parametrize("name", list(BATCH_TOPK_INPUTS))
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_top_positive_selection_equals_masked_topk(name: str, k: int) -> None:
+    """Each row's k largest positive entries among the marked columns, as a masked per-row top-k
+    keeping only positive values would pick them (ties aside)."""
+    g = torch.Generator().manual_seed(1)
+    pre = BATCH_TOPK_INPUTS[name](g)
+    columns = torch.rand(pre.shape[1], generator=g) < 0.7
+    sel = top_positive_selection(pre, k, columns.nonzero().squeeze(1))
+    got = torch.zeros_like(pre, dtype=torch.bool)
+    got[sel.rows, sel.cols] = True
+    assert sel.nnz == int(got.sum())  # no duplicates
+    masked = torch.where(columns, pre, -torch.inf)
+    top = masked.topk(min(k, pre.shape[1]), dim=1)
+    kth = top.values[:, -1:]
+    expected_counts = (top.values > 0).sum(1)
+    assert torch.equal(got.sum(1), expected_counts)
+    assert bool(columns[sel.cols].all()) and bool((pre[got] > 0).all())
+    assert bool(((masked >= kth) | ~got).all()) and bool(((masked <= kth) | got | (pre <= 0)).all())
+    flat_index = sel.rows * pre.shape[1] + sel.cols
+    assert bool((flat_index[1:] > flat_index[:-1]).all())  # row-major, columns sorted in each row
     assert torch.equal(sel.crow[1:] - sel.crow[:-1], got.sum(1))
 
 

@@ -33,7 +33,6 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.tensor(UNSET), persistent=False)
         self.learn_threshold = True
-        self._mask_workspace: Tensor | None = None
         self.cfg = cfg
 
     @property
@@ -54,10 +53,7 @@ class BatchTopKSAE(TopKSAE):
 
     def _select(self, pre: Tensor) -> Selection:
         if self.training:
-            ws = self._mask_workspace
-            if ws is None or ws.numel() != pre.numel() or ws.device != pre.device:
-                ws = self._mask_workspace = torch.empty(pre.numel(), dtype=torch.bool, device=pre.device)
-            return batch_topk_selection(pre, self._cfg.k, mask_out=ws)
+            return batch_topk_selection(pre, self._cfg.k, mask_out=self._bool_workspace(pre))
         return threshold_selection(pre, self.threshold)
 
     @torch.no_grad()

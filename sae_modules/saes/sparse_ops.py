@@ -68,13 +68,24 @@ def _coprime_stride(size: int, n: int) -> int:
     return stride
 
 
-def _indices_above(flat: Tensor, threshold: float, mask: Tensor) -> Tensor:
-    """Positions of the entries > threshold, ascending. On CPU the marks go through NumPy's
+def _marked_positions(marks: Tensor) -> Tensor:
+    """Positions of the True entries of a flat bool tensor, ascending. On CPU through NumPy's
     flatnonzero, several times faster than torch's `nonzero` there (single-threaded, no count pass)."""
-    marks = torch.gt(flat, threshold, out=mask)
-    if flat.device.type == "cpu":
+    if marks.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(marks.numpy()))
     return marks.nonzero().squeeze(1)
+
+
+def _count_marked(marks: Tensor) -> int:
+    """How many True entries a flat bool tensor holds (NumPy's count is ~8x torch's on CPU)."""
+    if marks.device.type == "cpu":
+        return int(np.count_nonzero(marks.numpy()))
+    return int(marks.count_nonzero())
+
+
+def _indices_above(flat: Tensor, threshold: float, mask: Tensor) -> Tensor:
+    """Positions of the entries > threshold, ascending."""
+    return _marked_positions(torch.gt(flat, threshold, out=mask))
 
 
 #: Entries scanned at a time when looking for the first few ties: small enough that, with ties as
@@ -137,6 +148,60 @@ def batch_topk_selection(pre: Tensor, k: int, mask_out: Tensor | None = None) ->
     return Selection(rows, candidates - rows * n, crow_from_rows(rows, n_rows), (n_rows, n))
 
 
+#: Share of positive entries in AuxK's dead block past which its per-row top-k runs over the whole
+#: block rather than over the positive candidates: the crossover measured on CPU lies between 1/16
+#: and 1/4 (k 32-128, 1,024-3,481 dead latents, batch 1,024); at 1/64 the candidates cost 1/5 as much.
+DENSE_CANDIDATES = 1 / 8
+
+
+def top_positive_selection(pre: Tensor, k: int, columns: Tensor, mask_out: Tensor | None = None) -> Selection:
+    """Each row's k largest positive pre-activations among the latents `columns` (ascending
+    indices); rows with fewer positive ones keep them all.
+
+    What AuxK decodes: its top k_aux dead latents go through a ReLU, so an entry <= 0 adds nothing
+    to the reconstruction and gets no gradient. Leaving those out gives the same loss and gradients
+    as a top-k over every dead latent, at the cost of one pass over their block when dead latents
+    seldom fire (the usual case: a latent dies because its pre-activations went negative). Only when
+    a row holds more than k positive ones does a top-k run over its positive ones; once positive
+    entries are many, one top-k over the whole block (whose non-positive picks are dropped) is
+    cheaper than handling each candidate.
+    `mask_out` as in `batch_topk_selection`.
+    """
+    n_rows, n = pre.shape
+    m = columns.numel()
+    k = min(k, m)
+    block = pre.index_select(1, columns)
+    mask = mask_out[: n_rows * m] if mask_out is not None else torch.empty(n_rows * m, dtype=torch.bool)
+    marks = torch.gt(block.view(-1), 0, out=mask)
+    if _count_marked(marks) > DENSE_CANDIDATES * marks.numel():
+        top = block.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        positions = (top + torch.arange(n_rows, device=pre.device)[:, None] * m).flatten()
+        positions = positions[block.view(-1)[positions] > 0]
+        rows = positions // m
+    else:
+        positions = _marked_positions(marks)
+        rows = positions // m
+        counts = torch.bincount(rows, minlength=n_rows)
+        if positions.numel() and int(counts.max()) > k:
+            positions, rows = _largest_per_row(block.view(-1)[positions], positions, rows, counts, k)
+    cols = columns[positions - rows * m]
+    return Selection(rows, cols, crow_from_rows(rows, n_rows), (n_rows, n))
+
+
+def _largest_per_row(
+    values: Tensor, positions: Tensor, rows: Tensor, counts: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Of row-major candidates (`values` at `positions` in rows `rows`, `counts` per row), each row's
+    k largest, still row-major: a top-k over a [rows, most candidates] matrix padded with -inf."""
+    starts = counts.cumsum(0) - counts
+    slots = torch.arange(positions.numel(), device=positions.device) - starts[rows]
+    padded = values.new_full((counts.numel(), int(counts.max())), -torch.inf)
+    padded[rows, slots] = values
+    top = padded.topk(k, dim=1, sorted=False).indices
+    chosen = (top + starts[:, None])[top < counts[:, None]].sort().values
+    return positions[chosen], rows[chosen]
+
+
 def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:
     """Entries above the global threshold θ (and above zero): BatchTopK's inference rule."""
     rows, cols = (pre > threshold.clamp_min(0)).nonzero(as_tuple=True)
@@ -185,40 +250,6 @@ def pick_pre_acts(
 ) -> Tensor:
     """The selected pre-activations [nnz], differentiable w.r.t. x and the encoder parameters."""
     return _PickPreActs.apply(pre, x, W_enc, b_enc, b_dec, sel.rows, sel.cols, sel.crow)
-
-
-class _PickColumns(torch.autograd.Function):
-    """pre[:, cols] as a dense [B, len(cols)] block, for a few columns (AuxK's dead latents).
-
-    Dense on purpose: AuxK keeps up to d_in / 2 latents per vector, so its entries are too many for
-    the sparse path, while the dead block is narrow enough for plain matmuls.
-    """
-
-    @staticmethod
-    def forward(ctx, pre, x, W_enc, b_enc, b_dec, cols):  # type: ignore[override]
-        ctx.save_for_backward(x, W_enc, b_dec, cols)
-        return pre.index_select(1, cols)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x, W_enc, b_dec, cols = ctx.saved_tensors
-        need_x, need_w, need_b_enc, need_b_dec = ctx.needs_input_grad[1:5]
-        grad_x = grad_w = grad_b_enc = grad_b_dec = None
-        w_cols = W_enc.index_select(1, cols)
-        if need_w:
-            grad_w = torch.zeros_like(W_enc).index_copy_(1, cols, (x - b_dec).T @ grad)
-        if need_x:
-            grad_x = grad @ w_cols.T
-        if need_b_enc or need_b_dec:
-            col_sums = grad.sum(0)
-            grad_b_enc = torch.zeros_like(W_enc[0]).index_copy_(0, cols, col_sums) if need_b_enc else None
-            grad_b_dec = -(w_cols @ col_sums) if need_b_dec else None
-        return None, grad_x, grad_w, grad_b_enc, grad_b_dec, None
-
-
-def pick_columns(pre: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, cols: Tensor) -> Tensor:
-    """The pre-activations of the latents `cols` (unique), [B, len(cols)], differentiable like `pick_pre_acts`."""
-    return _PickColumns.apply(pre, x, W_enc, b_enc, b_dec, cols)
 
 
 def sparse_decode(sel: Selection, values: Tensor, W_dec: Tensor) -> Tensor:

@@ -8,10 +8,10 @@ from torch import Tensor
 from sae_modules.saes.base import SAE, SAEConfig, SAEConfigError, SAEInputError, SAEOutput
 from sae_modules.saes.sparse_ops import (
     Selection,
-    pick_columns,
     pick_pre_acts,
     sparse_decode,
     sparse_latents,
+    top_positive_selection,
     topk_selection,
 )
 
@@ -19,13 +19,6 @@ from sae_modules.saes.sparse_ops import (
 def squared_error(x: Tensor, recon: Tensor) -> Tensor:
     """Mean over vectors of the summed squared error (the paper's L2 loss)."""
     return (x - recon).pow(2).sum(-1).mean()
-
-
-#: AuxK goes through the sparse path once the dead latents outnumber the ones it keeps per vector
-#: (k_aux) this many times: below, the dense [B, n_dead] block is cheaper; above, a step with it
-#: costs up to 1.9x one with the sparse pick (crossover measured at d_in 64/256/1024; the race is
-#: printed by `python -m benchmarks train`).
-SPARSE_AUXK_RATIO = 16
 
 
 class TopKSAE(SAE):
@@ -46,6 +39,7 @@ class TopKSAE(SAE):
             )
         super().__init__(cfg)
         self._workspace: Tensor | None = None
+        self._mask_workspace: Tensor | None = None
 
     def activation(self, pre: Tensor) -> Tensor:
         values, indices = pre.topk(self._cfg.k, dim=-1, sorted=False)
@@ -75,29 +69,25 @@ class TopKSAE(SAE):
         return recon, l2, {"l2": l2}
 
     def _auxk_loss(self, pre: Tensor, x: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
-        """How well each vector's top dead latents reconstruct its residual, over the residual's variance."""
+        """How well each vector's top k_aux dead latents reconstruct its residual, over the residual's
+        variance. Only their positive pre-activations are picked and decoded (see
+        `top_positive_selection`): the rest would pass the ReLU as zeros."""
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(self._cfg.auxk_k or self.d_in // 2, dead.numel())
-        if dead.numel() >= SPARSE_AUXK_RATIO * k_aux:
-            e_hat = self._sparse_auxk_decode(pre, x, dead, k_aux)
-        else:
-            block = pick_columns(pre, x, self.W_enc, self.b_enc, self.b_dec, dead)
-            if k_aux < dead.numel():
-                keep = torch.zeros_like(block, dtype=torch.bool)
-                keep.scatter_(1, block.detach().topk(k_aux, dim=1, sorted=False).indices, True)
-                block = block * keep
-            e_hat = block.relu() @ self.W_dec.index_select(0, dead)
+        sel = top_positive_selection(pre, k_aux, dead, self._bool_workspace(pre))
+        values = pick_pre_acts(pre, x, self.W_enc, self.b_enc, self.b_dec, sel)
+        e_hat = sparse_decode(sel, values, self.W_dec)
         err = squared_error(residual, e_hat)
         variance = squared_error(residual, residual.mean(0))
         return (err / variance).nan_to_num(0.0)
 
-    def _sparse_auxk_decode(self, pre: Tensor, x: Tensor, dead: Tensor, k_aux: int) -> Tensor:
-        """The AuxK reconstruction through the sparse path: each vector's k_aux top dead latents
-        picked and decoded like the main selection, for when dead latents are many."""
-        chosen = topk_selection(pre.index_select(1, dead), k_aux)
-        sel = chosen._replace(cols=dead[chosen.cols], shape=tuple(pre.shape))
-        values = pick_pre_acts(pre, x, self.W_enc, self.b_enc, self.b_dec, sel).relu()
-        return sparse_decode(sel, values, self.W_dec)
+    def _bool_workspace(self, pre: Tensor) -> Tensor:
+        """A bool buffer of pre's size kept between steps, for the selections' marks (a fresh one
+        per step costs page faults)."""
+        ws = self._mask_workspace
+        if ws is None or ws.numel() != pre.numel() or ws.device != pre.device:
+            ws = self._mask_workspace = torch.empty(pre.numel(), dtype=torch.bool, device=pre.device)
+        return ws
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
         """Training semantics. `dead_mask` (bool [n_latents]) turns on the AuxK loss over the latents
