@@ -36,6 +36,17 @@ def test_every_distribution_races_every_runner(rows: list[dict]) -> None:
     assert all(r["vectors_per_s"] > 0 and not math.isnan(r["fvu"]) for r in rows)
     sparsify = [r for r in rows if r["runner"] == "sparsify TopK signum"]
     assert all(r["vs_sparsify"] == pytest.approx(1.0) for r in sparsify)
+    for r in rows:  # the TopK group's sparsify runners are the ones whose rows are printed
+        if r["architecture"] == "topk":
+            optimizer = r["runner"].split()[-1]
+            same = next(
+                s
+                for s in rows
+                if s["distribution"] == r["distribution"] and s["runner"] == f"sparsify TopK {optimizer}"
+            )
+            assert r["vs_sparsify_same_optimizer"] == pytest.approx(
+                r["vectors_per_s"] / same["vectors_per_s"]
+            )
 
 
 def test_our_sparse_step_trains_exactly_like_the_dense_reference(rows: list[dict]) -> None:

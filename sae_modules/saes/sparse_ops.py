@@ -169,11 +169,10 @@ def top_positive_selection(pre: Tensor, k: int, columns: Tensor, mask_out: Tenso
     """
     n_rows, n = pre.shape
     m = columns.numel()
-    k = min(k, m)
     block = pre.index_select(1, columns)
     mask = mask_out[: n_rows * m] if mask_out is not None else torch.empty(n_rows * m, dtype=torch.bool)
     marks = torch.gt(block.view(-1), 0, out=mask)
-    if _count_marked(marks) > DENSE_CANDIDATES * marks.numel():
+    if k < m and _count_marked(marks) > DENSE_CANDIDATES * marks.numel():
         top = block.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         positions = (top + torch.arange(n_rows, device=pre.device)[:, None] * m).flatten()
         positions = positions[block.view(-1)[positions] > 0]
