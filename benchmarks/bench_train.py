@@ -23,6 +23,7 @@ Held-out FVU after the same number of steps uses each model's training-time sele
 top-k, or batch top-k) and, for schedule-free runners, the averaged weights they would ship.
 Every runner gets the same batches, divided by √mean‖x‖² of the first ones as the trainer divides
 them. `BENCH_SIZE=smoke|small|default` picks the sizes, `BENCH_STEPS` overrides the steps,
+`BENCH_DEAD_BATCHES` the batches a latent must go unfired to count as dead (a huge value turns AuxK off),
 `BENCH_DEVICE` the device, `BENCH_DISTRIBUTIONS` a comma-separated subset, `BENCH_SEED` the data and
 initial weights (runs over several seeds give the range).
 """
@@ -60,11 +61,12 @@ class BenchSize:
     steps: int
     heldout_batches: int
     tower_images: int = 400
+    dead_batches: int = 4
 
     @property
     def dead_window(self) -> int:
-        """Short enough that AuxK is live (and timed) during the run."""
-        return 4 * self.batch
+        """Short enough (by default) that AuxK is live (and timed) during the run."""
+        return self.dead_batches * self.batch
 
     def lr(self, optimizer: str) -> float:
         return BASE_LR[optimizer] / math.sqrt(self.n_latents / 2**14)
@@ -539,6 +541,8 @@ def main() -> None:
     size = SIZES[os.environ.get("BENCH_SIZE", "default")]
     if steps := os.environ.get("BENCH_STEPS"):
         size = replace(size, steps=int(steps))
+    if dead_batches := os.environ.get("BENCH_DEAD_BATCHES"):
+        size = replace(size, dead_batches=int(dead_batches))
     device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
     names = os.environ.get("BENCH_DISTRIBUTIONS", ",".join(DISTRIBUTIONS)).split(",")
     seed = int(os.environ.get("BENCH_SEED", "0"))
@@ -546,7 +550,7 @@ def main() -> None:
         f"SAE training on {device} ({torch.get_num_threads()} threads): d_in={size.d_in} (demo-tower: the tower's), "
         f"n_latents={size.n_latents}, k={size.k}, batch={size.batch}, {size.steps} timed steps, constant LR "
         f"(adam {size.lr('adam'):.2e}, signum {size.lr('signum'):.2e}), "
-        f"inputs scaled to mean ‖x‖² = 1, seed {seed}",
+        f"inputs scaled to mean ‖x‖² = 1, dead after {size.dead_batches} unfired batches, seed {seed}",
         flush=True,
     )
     print(f"batch top-k selection / per-row top-k, [{size.batch}, {size.n_latents}], k={size.k}")

@@ -69,11 +69,13 @@ def test_main_prints_the_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     monkeypatch.setenv("BENCH_SIZE", "smoke")
     monkeypatch.setenv("BENCH_STEPS", "1")
     monkeypatch.setenv("BENCH_DISTRIBUTIONS", "planted")
+    monkeypatch.setenv("BENCH_DEAD_BATCHES", "7")
     bench_train.main()
     table = capsys.readouterr().out
     assert (
         "| distribution | architecture | runner |" in table
         and "| planted | matryoshka_batchtopk | ours signum |" in table
+        and "dead after 7 unfired batches" in table
     )
 
 
