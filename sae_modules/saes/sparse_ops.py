@@ -4,7 +4,8 @@ touches only the selected (vector, latent) entries.
 Why: at 16k latents and k=20 a dense [B, n_latents] latent tensor, its dense decode and a dense
 encoder-weight gradient each cost about as much as the forward matmul. Here the pre-activations
 are computed once without autograd, the chosen entries are picked out by a custom autograd function
-whose backward is one sparse-times-dense product, and the decode is an `embedding_bag`.
+whose backward sums each latent's entries with one `embedding_bag`, and the decode is an `embedding_bag`.
+AuxK picks its entries the same way (`top_positive_selection`).
 """
 
 from __future__ import annotations
@@ -170,7 +171,9 @@ def top_positive_selection(pre: Tensor, k: int, columns: Tensor, mask_out: Tenso
     n_rows, n = pre.shape
     m = columns.numel()
     block = pre.index_select(1, columns)
-    mask = mask_out[: n_rows * m] if mask_out is not None else torch.empty(n_rows * m, dtype=torch.bool)
+    if mask_out is None:
+        mask_out = torch.empty(n_rows * m, dtype=torch.bool, device=pre.device)
+    mask = mask_out[: n_rows * m]
     marks = torch.gt(block.view(-1), 0, out=mask)
     if k < m and _count_marked(marks) > DENSE_CANDIDATES * marks.numel():
         top = block.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
