@@ -41,7 +41,8 @@ class Selection(NamedTuple):
 
 
 def crow_from_rows(rows: Tensor, n_rows: int) -> Tensor:
-    """CSR row pointers [n_rows + 1] for row-major entries with these (sorted) row ids."""
+    """CSR row pointers [n_rows + 1] for row-major entries with these row ids (any order: only
+    the count per row matters)."""
     counts = torch.bincount(rows, minlength=n_rows)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
@@ -234,12 +235,16 @@ class _PickPreActs(torch.autograd.Function):
         if need_w:
             by_latent = cols.argsort(stable=True)
             grad_w = F.embedding_bag(
-                rows[by_latent], x - b_dec, crow_from_rows(cols[by_latent], n_latents), mode="sum",
-                per_sample_weights=grad[by_latent], include_last_offset=True,
+                rows[by_latent],
+                x - b_dec,
+                crow_from_rows(cols, n_latents),  # bag sizes: the per-latent counts, in any order
+                mode="sum",
+                per_sample_weights=grad[by_latent],
+                include_last_offset=True,
             ).T
         if need_x:
-            shape = (x.shape[0], n_latents)
-            grad_x = torch.mm(torch.sparse_csr_tensor(crow, cols, grad, shape, check_invariants=False), W_enc.T)
+            csr = torch.sparse_csr_tensor(crow, cols, grad, (x.shape[0], n_latents), check_invariants=False)
+            grad_x = torch.mm(csr, W_enc.T)
         if need_b_enc or need_b_dec:
             col_sums = torch.zeros(n_latents, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
             grad_b_enc = col_sums if need_b_enc else None
