@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from sae_modules.saes import (
     group_sizes_from_fractions,
     sparse_ops,
 )
-from sae_modules.saes.sparse_ops import batch_topk_selection, top_positive_selection
+from sae_modules.saes.sparse_ops import batch_topk_selection, row_topk_indices, top_positive_selection
 
 D_IN, N_TRUE, N_LATENTS, K_TRUE = 32, 48, 96, 3
 TOPK_FAMILY = ["topk", "batchtopk", "matryoshka_batchtopk"]
@@ -234,6 +235,31 @@ def test_batch_topk_selection_equals_flatten_and_topk(name: str) -> None:
     assert torch.equal(sel.crow[1:] - sel.crow[:-1], got.sum(1))
 
 
+ROW_TOPK_INPUTS = {
+    **{name: make for name, make in BATCH_TOPK_INPUTS.items() if name != "tiny batch (sample is everything)"},
+    "columns differ in scale": lambda g: (
+        torch.randn(64, 3000, generator=g) * torch.rand(3000, generator=g) * 10
+    ),
+    "largest in the last columns": lambda g: torch.randn(64, 3000, generator=g) + torch.linspace(0, 20, 3000),
+    "largest in one slab": lambda g: torch.randn(64, 3000, generator=g) + 20 * (torch.arange(3000) < 300),
+    "-inf padding": lambda g: torch.where(torch.rand(64, 3000, generator=g) < 0.9, -torch.inf, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(ROW_TOPK_INPUTS))
+@pytest.mark.parametrize(("width", "k"), [(3000, 1), (3000, 40), (2999, 20), (2048, 128), (700, 100)])
+def test_row_topk_indices_equals_torch_topk(name: str, width: int, k: int) -> None:
+    """The grouped top-k (rows of 16k and more, some with columns left after the slabs) and the
+    plain one below that: each row's k values are torch's, ties aside, with no column twice."""
+    pre = ROW_TOPK_INPUTS[name](torch.Generator().manual_seed(2))[:, :width]
+    got = row_topk_indices(pre, k)
+    assert got.shape == (pre.shape[0], k)
+    columns = got.sort(dim=1).values
+    assert bool((columns[:, 1:] > columns[:, :-1]).all())  # no column twice
+    expected = pre.topk(k, dim=1).values
+    assert torch.equal(pre.gather(1, got).sort(dim=1, descending=True).values, expected)
+
+
 @pytest.mark.parametrize("name", list(BATCH_TOPK_INPUTS))
 @pytest.mark.parametrize("k", [1, 5, 40])
 def test_top_positive_selection_equals_masked_topk(name: str, k: int) -> None:
@@ -327,6 +353,20 @@ def test_decoder_rows_stay_unit_norm() -> None:
         assert (sae.W_dec.detach().norm(dim=1) - 1).abs().max() < 1e-4
         sae.normalize_decoder()
         assert torch.allclose(sae.W_dec.detach().norm(dim=1), torch.ones(N_LATENTS), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", TOPK_FAMILY)
+def test_copies_leave_the_step_buffers_behind(arch: str) -> None:
+    """A deepcopy (the weights a signum run ships) or a pickle holds the weights and θ, not the
+    batch-sized buffers of the training step."""
+    sae = build_sae(make_cfg(arch))
+    x = torch.randn(64, D_IN)
+    sae(x, dead_mask=torch.ones(N_LATENTS, dtype=torch.bool))
+    assert set(sae._workspaces) == {"pre", "marks", "auxk_block"}
+    for clone in (copy.deepcopy(sae), pickle.loads(pickle.dumps(sae))):
+        assert clone._workspaces == {}
+        with torch.no_grad():
+            assert torch.equal(clone.encode(x), sae.encode(x))
 
 
 def test_forward_keeps_leading_shape_and_rejects_wrong_width() -> None:
