@@ -523,6 +523,44 @@ def auxk_cost(size: BenchSize, repeats: int = 6) -> list[dict[str, float | str]]
     return rows
 
 
+#: Dead blocks for the grouped top-k race: (dead latents, k_aux), every one long enough for the grouped path.
+ROW_TOPK_SHAPES = [(1024, 32), (2048, 32), (3481, 32), (2048, 128), (3481, 128)]
+ROW_TOPK_INPUTS: dict[str, Callable[[int, int, torch.Generator], Tensor]] = {
+    "gaussian": lambda b, n, g: torch.randn(b, n, generator=g),
+    "columns differ in scale": lambda b, n, g: (
+        torch.randn(b, n, generator=g) * 10 * torch.rand(n, generator=g)
+    ),
+    "largest in the last columns": lambda b, n, g: torch.randn(b, n, generator=g) + torch.linspace(0, 10, n),
+    "heavy tails (t, 1.5 dof)": SELECTION_INPUTS["heavy tails (t, 1.5 dof)"],
+    "many ties (5 values)": SELECTION_INPUTS["many ties (5 values)"],
+}
+
+
+def row_topk_race(size: BenchSize, repeats: int = 5) -> list[dict[str, float | str]]:
+    """`row_topk_indices` (AuxK's top-k over a dead block with many positive entries) over torch's
+    per-row top-k on the same block, interleaved; per shape, the median ratio of each input and
+    their range."""
+    from sae_modules.saes.sparse_ops import row_topk_indices
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for m, k in ROW_TOPK_SHAPES:
+        medians = []
+        for make in ROW_TOPK_INPUTS.values():
+            block = make(size.batch, m, g).contiguous()
+            ratios = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                block.topk(k, dim=1, sorted=False)
+                plain = time.perf_counter() - start
+                start = time.perf_counter()
+                row_topk_indices(block, k)
+                ratios.append((time.perf_counter() - start) / plain)
+            medians.append(sorted(ratios[1:])[repeats // 2])
+        rows.append({"m": m, "k": k, "low": min(medians), "high": max(medians)})
+    return rows
+
+
 def markdown(rows: list[dict[str, float | str]]) -> str:
     head = (
         "| distribution | architecture | runner | vectors/s | × sparsify TopK (signum) "
@@ -557,6 +595,12 @@ def main() -> None:
     print("| pre-activations | median | range |\n|---|---:|---:|")
     for r in selection_race(size):
         print(f"| {r['input']} | {r['median']:.2f}× | {r['low']:.2f}–{r['high']:.2f}× |", flush=True)
+    print(
+        f"per-row top-k through group maxima / torch's top-k, {size.batch} rows, {len(ROW_TOPK_INPUTS)} inputs"
+    )
+    print("| dead latents | k_aux | median per input, range |\n|---:|---:|---:|")
+    for r in row_topk_race(size):
+        print(f"| {r['m']:,} | {r['k']} | {r['low']:.2f}–{r['high']:.2f}× |", flush=True)
     print(f"TopK step with AuxK / without, d_in={size.d_in}")
     print("| dead latents | their pre-activations | time |\n|---:|---|---:|")
     for r in auxk_cost(size):

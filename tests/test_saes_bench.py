@@ -76,6 +76,7 @@ def test_main_prints_the_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
         "| distribution | architecture | runner |" in table
         and "| planted | matryoshka_batchtopk | ours signum |" in table
         and "dead after 7 unfired batches" in table
+        and "| 3,481 | 128 |" in table  # the grouped top-k race
     )
 
 
