@@ -206,8 +206,10 @@ def top_positive_selection(
     return Selection(rows, cols, crow_from_rows(rows, n_rows), (n_rows, n))
 
 
-#: Row length, in multiples of k, from which `row_topk_indices` goes through group maxima: at 16k and
-#: beyond it measured 0.3-0.7x torch's top-k on CPU (k 32-128), below it about even.
+#: Row length, in multiples of k, from which `row_topk_indices` goes through group maxima (below it the
+#: two top-k calls are nearly as long as the row). Measured on CPU by `python -m benchmarks train`
+#: (k 32-128, five inputs): 0.27-1.31x torch's top-k; above 1 right at 16k, and past 64k on Gaussian or
+#: tied rows, where torch keeps a heap whose cost depends on the data (ascending rows: 0.27x).
 GROUPED_TOPK_MIN_RATIO = 16
 
 
