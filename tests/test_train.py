@@ -25,6 +25,7 @@ from sae_modules.evaluation.latent_stats import check_fresh, load_latent_stats
 from sae_modules.formats import load_sae
 from sae_modules.train import TrainConfig, train_sae
 from sae_modules.train.cli import train
+from sae_modules.train.optim import make_optimizer
 from sae_modules.train.state import latest_checkpoint, load_checkpoint
 from sae_modules.train.trainer import lr_at, plan_run
 
@@ -330,6 +331,24 @@ def test_yaml_takes_a_nested_sae_section(shards, tmp_path):
     assert result.exit_code == 0 and result.output.startswith("ok: topk d_in=16 n_latents=32"), result.output
     settings = TrainConfig.model_validate(yaml.safe_load((tmp_path / "train.yaml").read_text()))
     assert settings.sae.k == 3 and settings.sae.architecture == "topk"
+
+
+def test_adam_runs_fused_with_the_per_op_update() -> None:
+    """The fused kernel (no temporaries) on CPU, taking the same steps as torch's per-op Adam."""
+    torch.manual_seed(0)
+    fused_module, plain_module = torch.nn.Linear(D_IN, 32), torch.nn.Linear(D_IN, 32)
+    plain_module.load_state_dict(fused_module.state_dict())
+    fused = make_optimizer("adam", fused_module, 1e-2, betas=(0.8, 0.99))
+    plain = torch.optim.Adam(plain_module.parameters(), lr=1e-2, betas=(0.8, 0.99), foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(5):
+        x = torch.randn(16, D_IN)
+        for module, optimizer in ((fused_module, fused), (plain_module, plain)):
+            module(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for got, expected in zip(fused_module.parameters(), plain_module.parameters(), strict=True):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_signum_resumes_bit_exactly_and_ships_the_schedule_free_average(shards, tmp_path):
