@@ -13,7 +13,8 @@ Distributions (`DISTRIBUTIONS`):
 Runners, all from the same initial weights (W_enc = W_dec^T, unit decoder rows, b_dec = mean of the
 first batch), each stepped as its trainer steps it (AuxK over latents unfired for `dead_window`
 samples, decoder gradient made orthogonal to the rows, rows renormalised, constant learning rate,
-no clipping): ours (`adam` and `signum`) for each architecture; sparsify's `SparseCoder` TopK with its
+no clipping): ours (`adam` and `signum`, each with its recipe's AuxK: the paper's, or sparsify's
+decoder-only one under signum) for each architecture; sparsify's `SparseCoder` TopK with its
 default optimizer (sign-SGD under schedule-free, lr 5e-3/√(n/2^14)) and with Adam (lr 2e-4/√(n/2^14),
 ours' default too); and the dense reference of our Adam step per architecture (autograd through a
 dense latent tensor). Steps go round-robin on each batch, rotating who goes first, so load from
@@ -44,12 +45,13 @@ from torch import Tensor, nn
 
 from sae_modules.metrics import ReconstructionMetrics
 from sae_modules.saes import SAE, SAEConfig, build_sae, fire_counts, group_sizes_from_fractions
+from sae_modules.saes.base import SAESettings
+from sae_modules.train.config import BASE_LR, RECIPES
 from sae_modules.train.optim import inference_weights, make_optimizer
 from sae_modules.train.trainer import estimate_input_scale
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 MATRYOSHKA_FRACTIONS = [1 / 16, 3 / 16, 1 / 4, 1 / 2]
-BASE_LR = {"adam": 2e-4, "signum": 5e-3}
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,11 @@ class Runner:
 
 
 def ours(size: BenchSize, init: SAE, optimizer: str) -> Runner:
-    sae = build_sae(init.cfg)
+    """Our SAE under the recipe of this optimizer (`paper` for adam), with its SAE settings."""
+    recipe = RECIPES["paper" if optimizer == "adam" else optimizer]
+    sae = build_sae(
+        init.cfg.model_copy(update={k: v for k, v in recipe.items() if k in SAESettings.model_fields})
+    )
     sae.load_state_dict(init.state_dict())
     opt = make_optimizer(optimizer, sae, size.lr(optimizer))
 

@@ -135,6 +135,8 @@ def dense_reference_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> tuple
     dead = dead & ~(f != 0).any(0)  # firing on this batch revives a latent before AuxK looks
     k_aux = min(sae.cfg.auxk_k or D_IN // 2, int(dead.sum()))
     aux_values, aux_idx = torch.where(dead, pre, -torch.inf).topk(k_aux, dim=1)
+    if not sae.cfg.auxk_trains_encoder:
+        aux_values = aux_values.detach()
     aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_values.relu())
     auxk = (residual - aux @ sae.W_dec).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(
         -1
@@ -144,12 +146,15 @@ def dense_reference_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor) -> tuple
     return weighted + sae.cfg.auxk_alpha * auxk, f
 
 
+@pytest.mark.parametrize("trains_encoder", [True, False])  # the paper's AuxK / sparsify's (decoder only)
 @pytest.mark.parametrize("dead_fraction", [0.1, 0.6])  # fewer / more dead latents than AuxK keeps
 @pytest.mark.parametrize("auxk_k", [None, 2])  # 2: most rows hold more positive dead latents than AuxK keeps
 @pytest.mark.parametrize("arch", TOPK_FAMILY)
-def test_sparse_path_matches_dense_autograd(arch: str, dead_fraction: float, auxk_k: int | None) -> None:
+def test_sparse_path_matches_dense_autograd(
+    arch: str, dead_fraction: float, auxk_k: int | None, trains_encoder: bool
+) -> None:
     torch.manual_seed(0)
-    sae = build_sae(make_cfg(arch, auxk_k=auxk_k))
+    sae = build_sae(make_cfg(arch, auxk_k=auxk_k, auxk_trains_encoder=trains_encoder))
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
@@ -171,6 +176,9 @@ def test_sparse_path_matches_dense_autograd(arch: str, dead_fraction: float, aux
     assert torch.equal(out.latents.to_dense(), ref_f.detach())
     for got, p in zip(grads, sae.parameters()):
         assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-5)
+    # Only AuxK reaches a dead latent's encoder column: trained by the paper's AuxK, untouched by sparsify's.
+    dead_encoder_grad = grads[[name for name, _ in sae.named_parameters()].index("W_enc")][:, still_dead]
+    assert bool(dead_encoder_grad.any()) == trains_encoder
 
 
 def _skewed_rows(g: torch.Generator) -> torch.Tensor:

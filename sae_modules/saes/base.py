@@ -64,6 +64,11 @@ class SAESettings(BaseModel):
         0.03, ge=0, description="Weight of the AuxK loss on dead latents (the paper's scripts: 0.03)."
     )
     auxk_k: PositiveInt | None = Field(None, description="Latents the AuxK loss uses; default d_in // 2.")
+    auxk_trains_encoder: bool = Field(
+        True,
+        description="AuxK's gradient reaches the dead latents' encoder (the paper's scripts); false: their "
+        "picked activations are constants and AuxK trains their decoder rows only (sparsify; recipe signum).",
+    )
     dead_window: PositiveInt = Field(
         10_000_000, description="A latent unfired for this many samples is dead."
     )

@@ -85,6 +85,8 @@ class TopKSAE(SAE):
         block = self._workspace("auxk_block", pre.numel(), pre.dtype, pre.device)
         sel = top_positive_selection(pre, k_aux, dead, self._bool_workspace(pre), block)
         values = pick_pre_acts(pre, x, self.W_enc, self.b_enc, self.b_dec, sel)
+        if not self._cfg.auxk_trains_encoder:
+            values = values.detach()
         e_hat = sparse_decode(sel, values, self.W_dec)
         err = squared_error(residual, e_hat)
         variance = squared_error(residual, residual.mean(0))
