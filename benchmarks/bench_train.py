@@ -13,8 +13,7 @@ Distributions (`DISTRIBUTIONS`):
 Runners, all from the same initial weights (W_enc = W_dec^T, unit decoder rows, b_dec = mean of the
 first batch), each stepped as its trainer steps it (AuxK over latents unfired for `dead_window`
 samples, decoder gradient made orthogonal to the rows, rows renormalised, constant learning rate,
-no clipping): ours (`adam` and `signum`, each with its recipe's AuxK: the paper's, or sparsify's
-decoder-only one under signum) for each architecture; sparsify's `SparseCoder` TopK with its
+no clipping): ours (`adam` and `signum`) for each architecture; sparsify's `SparseCoder` TopK with its
 default optimizer (sign-SGD under schedule-free, lr 5e-3/√(n/2^14)) and with Adam (lr 2e-4/√(n/2^14),
 ours' default too); and the dense reference of our Adam step per architecture (autograd through a
 dense latent tensor). Steps go round-robin on each batch, rotating who goes first, so load from
@@ -25,6 +24,8 @@ top-k, or batch top-k) and, for schedule-free runners, the averaged weights they
 Every runner gets the same batches, divided by √mean‖x‖² of the first ones as the trainer divides
 them. `BENCH_SIZE=smoke|small|default` picks the sizes, `BENCH_STEPS` overrides the steps,
 `BENCH_DEAD_BATCHES` the batches a latent must go unfired to count as dead (a huge value turns AuxK off),
+`BENCH_FVU_SPREAD=1` two more signum TopK runners (sparsify from weights nudged by a few ulps: the noise
+floor of the FVU comparison; ours with sparsify's decoder-only AuxK),
 `BENCH_DEVICE` the device, `BENCH_DISTRIBUTIONS` a comma-separated subset, `BENCH_SEED` the data and
 initial weights (runs over several seeds give the range).
 """
@@ -45,8 +46,7 @@ from torch import Tensor, nn
 
 from sae_modules.metrics import ReconstructionMetrics
 from sae_modules.saes import SAE, SAEConfig, build_sae, fire_counts, group_sizes_from_fractions
-from sae_modules.saes.base import SAESettings
-from sae_modules.train.config import BASE_LR, RECIPES
+from sae_modules.train.config import BASE_LR
 from sae_modules.train.optim import inference_weights, make_optimizer
 from sae_modules.train.trainer import estimate_input_scale
 
@@ -259,12 +259,8 @@ class Runner:
         self.since_fired[fired] = 0
 
 
-def ours(size: BenchSize, init: SAE, optimizer: str) -> Runner:
-    """Our SAE under the recipe of this optimizer (`paper` for adam), with its SAE settings."""
-    recipe = RECIPES["paper" if optimizer == "adam" else optimizer]
-    sae = build_sae(
-        init.cfg.model_copy(update={k: v for k, v in recipe.items() if k in SAESettings.model_fields})
-    )
+def ours(size: BenchSize, init: SAE, optimizer: str, auxk_trains_encoder: bool = True) -> Runner:
+    sae = build_sae(init.cfg.model_copy(update={"auxk_trains_encoder": auxk_trains_encoder}))
     sae.load_state_dict(init.state_dict())
     opt = make_optimizer(optimizer, sae, size.lr(optimizer))
 
@@ -279,7 +275,7 @@ def ours(size: BenchSize, init: SAE, optimizer: str) -> Runner:
         return out.recon, out.latents
 
     return Runner(
-        f"ours {optimizer}",
+        f"ours {optimizer}" if auxk_trains_encoder else f"ours decoder-only-AuxK {optimizer}",
         sae,
         opt,
         step,
@@ -328,7 +324,7 @@ def dense_reference(size: BenchSize, init: SAE) -> Runner:
     )
 
 
-def sparsify_topk(size: BenchSize, init: SAE, optimizer: str) -> Runner:
+def sparsify_topk(size: BenchSize, init: SAE, optimizer: str, label: str = "sparsify TopK") -> Runner:
     """sparsify's SparseCoder stepped as sparsify's Trainer steps it (loss_fn="fvu", auxk_alpha=1/32),
     with its default optimizer (`signum`: its SignSGD under ScheduleFreeWrapper, momentum 0.95) or Adam."""
     if init.W_enc.device.type == "cpu":
@@ -368,7 +364,7 @@ def sparsify_topk(size: BenchSize, init: SAE, optimizer: str) -> Runner:
         return out.sae_out, f
 
     return Runner(
-        f"sparsify TopK {optimizer}",
+        f"{label} {optimizer}",
         coder,
         opt,
         step,
@@ -379,6 +375,19 @@ def sparsify_topk(size: BenchSize, init: SAE, optimizer: str) -> Runner:
         size.dead_window,
         torch.zeros(size.n_latents, dtype=torch.long, device=init.W_enc.device),
     )
+
+
+def nudged(init: SAE, seed: int) -> SAE:
+    """`init` with W_enc and W_dec multiplied by 1 + 1e-6·N(0, 1), a few float32 ulps: a run from it
+    differs from one from `init` by rounding alone, which sign-SGD amplifies; their FVU gap is the
+    noise floor of any comparison of two implementations of the same update."""
+    copy = build_sae(init.cfg).to(init.W_enc.device)
+    copy.load_state_dict(init.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in (copy.W_enc, copy.W_dec):
+            weight.mul_(1 + 1e-6 * torch.randn(weight.shape, generator=gen).to(weight.device))
+    return copy
 
 
 def heldout_fvu(runner: Runner, heldout: list[Tensor]) -> float:
@@ -410,11 +419,12 @@ def race(runners: list[Runner], source: Source, steps: int, device: torch.device
 
 
 def run_distribution(
-    name: str, size: BenchSize, device: torch.device, seed: int = 0
+    name: str, size: BenchSize, device: torch.device, seed: int = 0, spread: bool = False
 ) -> list[dict[str, float | str]]:
     """Every runner on one distribution; one architecture group's weights alive at a time, each
     group raced with both sparsify runners so every ratio comes from the same batches and load.
-    `seed` picks the data and the initial weights."""
+    `seed` picks the data and the initial weights. `spread` adds two signum runners to the TopK
+    group: sparsify from a `nudged` start, and ours with sparsify's decoder-only AuxK."""
     source = Normalised(DISTRIBUTIONS[name](size, seed))
     size = replace(size, d_in=source.d_in)
     heldout = [x.to(device) for x in source.heldout(size.heldout_batches)]
@@ -439,8 +449,15 @@ def run_distribution(
             sparsify_topk(size, init, "signum"),
             sparsify_topk(size, init, "adam"),
         ]
+        if spread and arch == "topk":
+            runners += [
+                ours(size, init, "signum", auxk_trains_encoder=False),
+                sparsify_topk(size, nudged(init, seed), "signum", label="sparsify TopK nudged"),
+            ]
         race(runners, source, size.steps, device)
-        sparsify_seconds = {r.name.split()[-1]: r.seconds for r in runners if r.name.startswith("sparsify")}
+        sparsify_seconds = {
+            opt: r.seconds for r in runners for opt in ("signum", "adam") if r.name == f"sparsify TopK {opt}"
+        }
         group_start = len(rows)
         for runner in runners:
             if runner.name.startswith("sparsify") and arch != "topk":
@@ -611,7 +628,8 @@ def main() -> None:
     print("| dead latents | their pre-activations | time |\n|---:|---|---:|")
     for r in auxk_cost(size):
         print(f"| {r['dead']:,} | {r['kind']} | {r['cost']:.2f}× |", flush=True)
-    rows = [row for name in names if name for row in run_distribution(name, size, device, seed)]
+    spread = os.environ.get("BENCH_FVU_SPREAD") == "1"
+    rows = [row for name in names if name for row in run_distribution(name, size, device, seed, spread)]
     print(markdown(rows))
 
 

@@ -25,7 +25,6 @@ from sae_modules.evaluation.latent_stats import check_fresh, load_latent_stats
 from sae_modules.formats import load_sae
 from sae_modules.train import TrainConfig, train_sae
 from sae_modules.train.cli import train
-from sae_modules.train.config import TrainConfigError, load_train_config
 from sae_modules.train.optim import make_optimizer
 from sae_modules.train.state import latest_checkpoint, load_checkpoint
 from sae_modules.train.trainer import lr_at, plan_run
@@ -150,21 +149,6 @@ def test_default_learning_rate_scales_with_width():
     signum = _config(Path("."), Path("."), lr=None, recipe="signum", warmup_steps=None, decay=None)
     assert (signum.optimizer, signum.warmup_steps, signum.decay) == ("signum", 0, "constant")
     assert signum.peak_lr(2**16) == pytest.approx(2.5e-3)
-
-
-def test_recipes_fill_the_sae_section_where_it_is_silent(tmp_path):
-    """The AuxK variant follows the recipe (sparsify's under signum) unless a flag or the section says."""
-    paper, signum = (_config(Path("."), Path("."), recipe=r, warmup_steps=0) for r in ("paper", "signum"))
-    assert paper.sae.auxk_trains_encoder and not signum.sae.auxk_trains_encoder
-    flag = _config(Path("."), Path("."), recipe="signum", warmup_steps=0, auxk_trains_encoder=True)
-    assert flag.sae.auxk_trains_encoder
-    (tmp_path / "run.yaml").write_text(
-        "shards: s\nout: o\nrecipe: signum\nsae:\n  auxk_trains_encoder: true\n"
-    )
-    assert load_train_config(tmp_path / "run.yaml").sae.auxk_trains_encoder
-    assert not load_train_config(tmp_path / "run.yaml", auxk_trains_encoder=False).sae.auxk_trains_encoder
-    with pytest.raises(TrainConfigError, match=r"^sae: "):
-        load_train_config(None, shards="s", out="o", sae="topk")
 
 
 def test_checkpoints_are_pruned_and_hold_the_full_state(uninterrupted):
@@ -332,10 +316,14 @@ def test_every_setting_has_a_flag_and_reaches_the_run(shards, tmp_path):
     args = ["--shards", str(shards), "--out", str(tmp_path / "run"), "--n-latents", "32", "--k", "2"]
     args += ["--steps", "2", "--no-progress", "--betas", "0.8,0.95", "--min-lr-ratio", "0.1"]
     args += ["--auxk-k", "3", "--threshold-start-step", "0", "--decay", "cosine", "--b-dec-init", "zeros"]
+    args += ["--no-auxk-trains-encoder"]
     result = _cli(args)
     assert result.exit_code == 0, result.output
     config = load_checkpoint(latest_checkpoint(tmp_path / "run")).config
     assert config.betas == (0.8, 0.95) and config.min_lr_ratio == 0.1 and config.sae.auxk_k == 3
+    assert (
+        not config.sae.auxk_trains_encoder and not load_sae(tmp_path / "run" / "sae").cfg.auxk_trains_encoder
+    )
     assert config.threshold_start_step == 0 and config.decay == "cosine" and config.b_dec_init == "zeros"
 
 

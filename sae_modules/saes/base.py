@@ -67,7 +67,7 @@ class SAESettings(BaseModel):
     auxk_trains_encoder: bool = Field(
         True,
         description="AuxK's gradient reaches the dead latents' encoder (the paper's scripts); false: their "
-        "picked activations are constants and AuxK trains their decoder rows only (sparsify; recipe signum).",
+        "picked activations are constants and AuxK trains their decoder rows only (sparsify's AuxK).",
     )
     dead_window: PositiveInt = Field(
         10_000_000, description="A latent unfired for this many samples is dead."

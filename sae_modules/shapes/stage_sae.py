@@ -41,6 +41,7 @@ def sae_train_config(shards: Path, out: Path, recipe: Recipe, progress: bool = T
         group_fractions=list(recipe.sae_groups),
         auxk_alpha=recipe.sae_auxk_alpha,
         auxk_k=None,
+        auxk_trains_encoder=True,
         dead_window=recipe.sae_dead_window,
         threshold_decay=recipe.sae_threshold_decay,
         b_dec_init="geometric_median",

@@ -52,17 +52,13 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-#: Named recipes: defaults filled in for the settings a config leaves out (SAE settings among them
-#: fill the `sae` section). `paper` is the recipe of the paper's scripts (dictionary_learning's
-#: BatchTopK/Matryoshka trainers); `signum` is ours: the same SAE and loss with sparsify's optimizer
-#: (sign-SGD, schedule-free momentum 0.95), which needs no warm-up or decay and moves faster per
-#: step, and sparsify's AuxK, which trains the dead latents' decoder rows only. Sign-SGD steps every
-#: weight with a nonzero gradient by the full learning rate, however small `auxk_alpha` makes it,
-#: so the paper's AuxK moves the dead encoder rows 25x as far per step as under Adam; measured, that
-#: cost held-out FVU against sparsify (README, "Training benchmark").
+#: Named recipes: defaults filled in for the settings a config leaves out. `paper` is the recipe of
+#: the paper's scripts (dictionary_learning's BatchTopK/Matryoshka trainers); `signum` is ours:
+#: the same SAE and loss with sparsify's optimizer (sign-SGD, schedule-free momentum 0.95), which
+#: needs no warm-up or decay and moves faster per step.
 RECIPES: dict[str, dict[str, Any]] = {
-    "paper": {"optimizer": "adam", "warmup_steps": 1000, "decay": "linear", "auxk_trains_encoder": True},
-    "signum": {"optimizer": "signum", "warmup_steps": 0, "decay": "constant", "auxk_trains_encoder": False},
+    "paper": {"optimizer": "adam", "warmup_steps": 1000, "decay": "linear"},
+    "signum": {"optimizer": "signum", "warmup_steps": 0, "decay": "constant"},
 }
 
 #: Peak learning rate at 2^14 latents; the default scales it by 1 / sqrt(n_latents / 2^14)
@@ -113,8 +109,7 @@ class TrainConfig(BaseModel):
     )
 
     recipe: Literal["paper", "signum"] = Field(
-        "paper",
-        description="Defaults for optimizer, warmup_steps, decay and auxk_trains_encoder: paper (Adam) or signum.",
+        "paper", description="Defaults for optimizer, warmup_steps and decay: paper (Adam) or signum."
     )
     optimizer: Literal["adam", "signum"] = Field(
         None, description="adam, or signum (sign-SGD under sparsify's schedule-free wrapper)."
@@ -150,15 +145,12 @@ class TrainConfig(BaseModel):
     )
     seed: int = 0
     max_worker_failures: int = Field(
-        3,
-        ge=-1,
-        description="Ray Train: times a failed or preempted worker group restarts from the last "
-        "checkpoint (-1: without end).",
+        3, ge=-1, description="Ray Train: times a failed or preempted worker group restarts from the last "
+        "checkpoint (-1: without end)."
     )
     latent_stats: bool = Field(
-        True,
-        description="Write the final SAE's latent statistics (as `vlm-steer evaluate stats`) beside it, "
-        "computed over the training shards.",
+        True, description="Write the final SAE's latent statistics (as `vlm-steer evaluate stats`) beside it, "
+        "computed over the training shards."
     )
 
     buffer_mb: PositiveFloat = Field(
@@ -195,16 +187,13 @@ class TrainConfig(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        section = data.get("sae") or {}
-        section = section.model_dump(exclude_unset=True) if isinstance(section, BaseModel) else section
-        if isinstance(section, dict):  # else pydantic reports the `sae` field
-            sae_keys = [k for k in data if k in SAESection.model_fields and k not in cls.model_fields]
-            data["sae"] = section = {**section, **{k: data.pop(k) for k in sae_keys}}
-        for key, value in RECIPES.get(data.get("recipe", "paper"), {}).items():
-            target = section if key in SAESection.model_fields else data
-            if isinstance(target, dict) and target.get(key) is None:
-                target[key] = value
-        return data
+        sae_keys = [k for k in data if k in SAESection.model_fields and k not in cls.model_fields]
+        if sae_keys:
+            section = data.get("sae") or {}
+            section = section.model_dump(exclude_unset=True) if isinstance(section, BaseModel) else section
+            data["sae"] = {**section, **{k: data.pop(k) for k in sae_keys}}
+        recipe = RECIPES.get(data.get("recipe", "paper"), {})
+        return {**recipe, **{k: v for k, v in data.items() if v is not None or k not in recipe}}
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
