@@ -90,3 +90,30 @@ def test_runners_see_batches_at_unit_mean_squared_norm(name: str) -> None:
     scaled = bench_train.Normalised(bench_train.DISTRIBUTIONS[name](size, 3))
     assert scaled.scale == pytest.approx(float(expected), rel=1e-5)
     assert torch.allclose(scaled.batch(), raw.batch() / expected)
+
+
+def test_fvu_spread_adds_a_nudged_sparsify_and_sparsifys_auxk() -> None:
+    """The two extra signum runners start where the others do (up to a few ulps) and take their ratios
+    against the plain sparsify runners, not against themselves."""
+    init = bench_train.build_sae(bench_train.SAEConfig(architecture="topk", d_in=8, n_latents=32, k=2))
+    nudged = bench_train.nudged(init, seed=0)
+    for name in ("W_enc", "W_dec"):
+        ours, theirs = getattr(init, name), getattr(nudged, name)
+        assert not torch.equal(ours, theirs) and torch.allclose(ours, theirs, rtol=1e-5, atol=0)
+    assert torch.equal(init.b_enc, nudged.b_enc) and torch.equal(init.b_dec, nudged.b_dec)
+
+    size = dataclasses.replace(bench_train.SIZES["smoke"], steps=2)
+    rows = bench_train.run_distribution("planted", size, torch.device("cpu"), spread=True)
+    topk = {r["runner"]: r for r in rows if r["architecture"] == "topk"}
+    assert {"ours decoder-only-AuxK signum", "sparsify TopK nudged signum"} <= topk.keys()
+    assert not any(
+        "nudged" in r["runner"] or "decoder-only" in r["runner"] for r in rows if r["architecture"] != "topk"
+    )
+    plain = topk["sparsify TopK signum"]
+    for runner in ("ours decoder-only-AuxK signum", "sparsify TopK nudged signum"):
+        assert topk[runner]["vs_sparsify"] == pytest.approx(
+            topk[runner]["vectors_per_s"] / plain["vectors_per_s"]
+        )
+    # Two steps: rounding has not grown yet, and AuxK is not live, so each equals its twin.
+    assert topk["sparsify TopK nudged signum"]["fvu"] == pytest.approx(plain["fvu"], rel=1e-4)
+    assert topk["ours decoder-only-AuxK signum"]["fvu"] == pytest.approx(topk["ours signum"]["fvu"], rel=1e-6)
