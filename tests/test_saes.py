@@ -168,17 +168,16 @@ def test_sparse_path_matches_dense_autograd(
     crowded = positive_dead > k_aux  # rows where AuxK's selection takes a top-k, not every positive
     assert bool(crowded.any()) == (auxk_k is not None or dead_fraction > 0.5)
     out.loss.backward()
-    grads = [p.grad.clone() for p in sae.parameters()]
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
     sae.zero_grad()
     ref_loss, ref_f = dense_reference_loss(sae, x, dead)
     ref_loss.backward()
     assert torch.allclose(out.loss, ref_loss, rtol=1e-5)
     assert torch.equal(out.latents.to_dense(), ref_f.detach())
-    for got, p in zip(grads, sae.parameters()):
-        assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-5)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-5), name
     # Only AuxK reaches a dead latent's encoder column: trained by the paper's AuxK, untouched by sparsify's.
-    dead_encoder_grad = grads[[name for name, _ in sae.named_parameters()].index("W_enc")][:, still_dead]
-    assert bool(dead_encoder_grad.any()) == trains_encoder
+    assert bool(grads["W_enc"][:, still_dead].any()) == trains_encoder
 
 
 def _skewed_rows(g: torch.Generator) -> torch.Tensor:
