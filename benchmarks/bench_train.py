@@ -32,6 +32,7 @@ initial weights (runs over several seeds give the range).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -418,6 +419,29 @@ def race(runners: list[Runner], source: Source, steps: int, device: torch.device
                 runner.seconds += time.perf_counter() - start
 
 
+def stream_seed(seed: int, stream: str) -> int:
+    """The seed of one random stream of a run (the data, one group's initial weights, the nudge).
+    Streams seeded from `seed` by plain arithmetic can coincide: the TopK group's initial decoder
+    was once drawn from the planted data's own generator state at seed 0, so it started on the
+    true atoms."""
+    return int.from_bytes(hashlib.blake2b(f"{stream}/{seed}".encode(), digest_size=8).digest()) >> 1
+
+
+def initial_sae(size: BenchSize, arch: str, seed: int, first_batch: Tensor) -> SAE:
+    """The weights every runner of one architecture group starts from: the trainer's init from the
+    group's own stream, b_dec = the mean of the first batch."""
+    torch.manual_seed(stream_seed(seed, f"init/{arch}"))
+    groups = (
+        group_sizes_from_fractions(size.n_latents, MATRYOSHKA_FRACTIONS)
+        if arch.startswith("matryoshka")
+        else None
+    )
+    cfg = SAEConfig(architecture=arch, d_in=size.d_in, n_latents=size.n_latents, k=size.k, group_sizes=groups)
+    init = build_sae(cfg).to(first_batch.device)
+    init.b_dec.data.copy_(first_batch.mean(0))
+    return init
+
+
 def run_distribution(
     name: str, size: BenchSize, device: torch.device, seed: int = 0, spread: bool = False
 ) -> list[dict[str, float | str]]:
@@ -425,23 +449,13 @@ def run_distribution(
     group raced with both sparsify runners so every ratio comes from the same batches and load.
     `seed` picks the data and the initial weights. `spread` adds two signum runners to the TopK
     group: sparsify from a `nudged` start, and ours with sparsify's decoder-only AuxK."""
-    source = Normalised(DISTRIBUTIONS[name](size, seed))
+    source = Normalised(DISTRIBUTIONS[name](size, stream_seed(seed, "data")))
     size = replace(size, d_in=source.d_in)
     heldout = [x.to(device) for x in source.heldout(size.heldout_batches)]
     vectors = size.steps * size.batch
     rows: list[dict[str, float | str]] = []
-    for i, arch in enumerate(ARCHITECTURES):
-        torch.manual_seed(1000 * seed + i)
-        groups = (
-            group_sizes_from_fractions(size.n_latents, MATRYOSHKA_FRACTIONS)
-            if arch.startswith("matryoshka")
-            else None
-        )
-        cfg = SAEConfig(
-            architecture=arch, d_in=size.d_in, n_latents=size.n_latents, k=size.k, group_sizes=groups
-        )
-        init = build_sae(cfg).to(device)
-        init.b_dec.data.copy_(source.batch().to(device).mean(0))
+    for arch in ARCHITECTURES:
+        init = initial_sae(size, arch, seed, source.batch().to(device))
         runners = [
             ours(size, init, "adam"),
             ours(size, init, "signum"),
@@ -452,7 +466,9 @@ def run_distribution(
         if spread and arch == "topk":
             runners += [
                 ours(size, init, "signum", auxk_trains_encoder=False),
-                sparsify_topk(size, nudged(init, seed), "signum", label="sparsify TopK nudged"),
+                sparsify_topk(
+                    size, nudged(init, stream_seed(seed, "nudge")), "signum", label="sparsify TopK nudged"
+                ),
             ]
         race(runners, source, size.steps, device)
         sparsify_seconds = {
