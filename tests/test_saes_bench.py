@@ -117,3 +117,24 @@ def test_fvu_spread_adds_a_nudged_sparsify_and_sparsifys_auxk() -> None:
     # Two steps: rounding has not grown yet, and AuxK is not live, so each equals its twin.
     assert topk["sparsify TopK nudged signum"]["fvu"] == pytest.approx(plain["fvu"], rel=1e-4)
     assert topk["ours decoder-only-AuxK signum"]["fvu"] == pytest.approx(topk["ours signum"]["fvu"], rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_initial_weights_do_not_start_on_the_planted_atoms(seed: int) -> None:
+    """Data and initial weights come from separate streams: once both were seeded from BENCH_SEED by
+    arithmetic, and at seed 0 the TopK group's decoder rows were the planted atoms (cosine 1)."""
+    size = bench_train.SIZES["small"]
+    for exp in (False, True):
+        planted = bench_train.Planted(size, exp_coefficients=exp, seed=bench_train.stream_seed(seed, "data"))
+        for arch in bench_train.ARCHITECTURES:
+            init = bench_train.initial_sae(size, arch, seed, planted.batch())
+            cosines = (init.W_dec.detach() / init.W_dec.detach().norm(dim=1, keepdim=True)) @ planted.atoms.T
+            assert cosines.abs().max() < 0.9
+
+
+def test_stream_seeds_differ_across_seeds_and_streams() -> None:
+    streams = ["data", "nudge", *(f"init/{arch}" for arch in bench_train.ARCHITECTURES)]
+    seeds = [bench_train.stream_seed(seed, stream) for seed in range(100) for stream in streams]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert bench_train.stream_seed(7, "data") == bench_train.stream_seed(7, "data")
