@@ -27,7 +27,7 @@ them. `BENCH_SIZE=smoke|small|default` picks the sizes, `BENCH_STEPS` overrides 
 `BENCH_FVU_SPREAD=1` two more signum TopK runners (sparsify from weights nudged by a few ulps: the noise
 floor of the FVU comparison; ours with sparsify's decoder-only AuxK),
 `BENCH_DEVICE` the device, `BENCH_DISTRIBUTIONS` a comma-separated subset, `BENCH_SEED` the data and
-initial weights (runs over several seeds give the range).
+initial weights, each drawn from its own stream (`stream_seed`); runs over several seeds give the range.
 """
 
 from __future__ import annotations
