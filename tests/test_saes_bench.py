@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,9 +135,20 @@ def test_initial_weights_do_not_start_on_the_planted_atoms(seed: int) -> None:
             assert cosines.abs().max() < 0.9
 
 
-def test_stream_seeds_differ_across_seeds_and_streams() -> None:
+def test_stream_seeds_differ_across_seeds_and_streams_and_repeat_across_processes() -> None:
+    """A seed is a run's identity: BENCH_SEED=s must draw the same numbers in every process (no
+    hash randomisation), and no two streams may share a seed."""
     streams = ["data", "nudge", *(f"init/{arch}" for arch in bench_train.ARCHITECTURES)]
     seeds = [bench_train.stream_seed(seed, stream) for seed in range(100) for stream in streams]
     assert len(set(seeds)) == len(seeds)
     assert all(0 <= s < 2**63 for s in seeds)
-    assert bench_train.stream_seed(7, "data") == bench_train.stream_seed(7, "data")
+    code = "from benchmarks.bench_train import stream_seed; print(stream_seed(7, 'data'))"
+    for hash_seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        )
+        assert int(out.stdout) == bench_train.stream_seed(7, "data")
