@@ -29,7 +29,7 @@ from sae_modules.evaluation.encode import LAST_LAYER, POOLINGS, EncodedDir, Proj
 from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.latent_summary import summarize_latents
 from sae_modules.evaluation.monosemanticity import monosemanticity, ms_report
-from sae_modules.evaluation.paper import PaperSettings, run_paper
+from sae_modules.evaluation.paper import PaperSettings, as_figure, run_paper
 from sae_modules.evaluation.plots import histogram
 from sae_modules.evaluation.reconstruction import reconstruction_metrics
 from sae_modules.evaluation.report import evaluate_encoded, write_report
@@ -355,7 +355,9 @@ def paper_command(make_answer: AnswerFactory) -> Callable[..., None]:
             raise _fail(err) from None
         Console(stderr=True).print(
             f"MS SAE {report.monosemanticity.sae.mean:.3f} vs neurons {report.monosemanticity.neurons.mean:.3f}; "
-            f"depth first/last level {report.hierarchy.depth_first_level} / {report.hierarchy.depth_last_level}; "
+            f"depth first/last level {as_figure(report.hierarchy.depth_first_level)} / "
+            f"{as_figure(report.hierarchy.depth_last_level)} (reference tree: rise "
+            f"{as_figure(report.hierarchy.ideal.rise)}, control {as_figure(report.hierarchy.ideal.control_rise)}); "
             f"steering {report.steering.score.steered.mean:.3f} vs unsteered {report.steering.score.unsteered.mean:.3f} "
             f"-> {out / 'report.md'}")
 

@@ -4,6 +4,8 @@
    independent image embedder (the demo's stage-1 CLIP, which the LLaVA's tower left behind).
 2. Hierarchy: mean LCA depth of each Matryoshka level's top images in the shapes label tree
    (family -> shape -> coloured shape); the paper finds depth rising from coarse to fine levels.
+   It does not on the shapes world, so the report puts beside it the same measure on a tree written
+   straight into activations (`ideal_hierarchy`), with a plain BatchTopK SAE as control.
 3. Steering: the steering score with latents pinned against unsteered answers, with CLIP's own
    matched and shuffled image/label agreement as upper bound and chance. As in the paper's steering
    experiment (`--mean_pool` for its token-level SAE), latents and their top images come from the
@@ -29,6 +31,7 @@ from sae_modules.activations.towers import load_tower
 from sae_modules.atomic_file import atomic_write_bytes, atomic_write_text
 from sae_modules.evaluation.embedders import ClipEmbedder
 from sae_modules.evaluation.encode import EncodedDir, Pooling, encode_images
+from sae_modules.evaluation.ideal_hierarchy import IdealHierarchyFinding, IdealTree, run_ideal_hierarchy
 from sae_modules.evaluation.monosemanticity import MSReport, monosemanticity, ms_report
 from sae_modules.evaluation.steering_score import (
     PAPER_VALUE,
@@ -57,6 +60,7 @@ class PaperSettings(BaseModel):
     pooling: Pooling = Field("cls", description="Per-image latent value for MS and depth: the paper's MS tables.")
     steering_pooling: Pooling = Field("mean", description="Per-image latent value that picks steered latents and "
                                                           "their top images: the paper's steering experiment.")
+    ideal_tree: IdealTree = Field(default_factory=IdealTree, description="Finding 2's reference tree and SAEs.")
     model: str = str(DEMO_MODEL_DIR)
     sae: str = str(DEMO_SAE_DIR)
     clip: str = str(DEMO_CLIP_DIR)
@@ -73,6 +77,7 @@ class HierarchyFinding(BaseModel):
     depth_first_level: float | None
     depth_last_level: float | None
     holds: bool = Field(description="Mean LCA depth of the last level above the first's.")
+    ideal: IdealHierarchyFinding = Field(description="The same measure where the representation holds the tree.")
 
 
 class SteeringFinding(BaseModel):
@@ -116,8 +121,9 @@ def run_paper(out: Path, answer_factory: Callable[[str, str, int, str], Answer],
     ms = MonosemanticityFinding(sae=reports["sae"][2], neurons=reports["neurons"][2],
                                 holds=_above(reports["sae"][2].mean, reports["neurons"][2].mean))
     summary, scores, _ = reports["sae"]
+    ideal = run_ideal_hierarchy(out / "ideal-tree", settings.ideal_tree, progress)
     hierarchy = _hierarchy(summary, scores, [label_path(attrs[_index(i)]) for i in source.ids],
-                           sae.cfg.group_sizes)
+                           sae.cfg.group_sizes, ideal)
     steering = _steering(encoded["sae-steering"], *reports["sae-steering"][:2], probes, clip,
                          answer_factory(settings.model, settings.sae, layer, device), settings)
     report = PaperReport(settings=settings, layer=layer, monosemanticity=ms, hierarchy=hierarchy, steering=steering)
@@ -135,12 +141,13 @@ def _above(a: float | None, b: float | None) -> bool:
     return a is not None and b is not None and a > b
 
 
-def _hierarchy(summary, scores, paths, group_sizes) -> HierarchyFinding:
+def _hierarchy(summary, scores, paths, group_sizes, ideal: IdealHierarchyFinding) -> HierarchyFinding:
     depths = latent_depths(summary.top_images, summary.top_values, paths)
     rows = by_level(depths, scores, group_sizes)
     scored = [row.depth for row in rows if row.depth is not None]
     first, last = (scored[0], scored[-1]) if scored else (None, None)
-    return HierarchyFinding(levels=rows, depth_first_level=first, depth_last_level=last, holds=_above(last, first))
+    return HierarchyFinding(levels=rows, depth_first_level=first, depth_last_level=last, holds=_above(last, first),
+                            ideal=ideal)
 
 
 def _steering(data: EncodedDir, summary, scores, probes: Path, clip: ClipEmbedder, answer: Answer,
@@ -179,9 +186,9 @@ def render_markdown(report: PaperReport) -> str:
         "",
         "| latents | live | MS mean ± std |",
         "|---|---|---|",
-        f"| SAE | {ms.sae.n_live} / {ms.sae.n_latents} | {_fmt(ms.sae.mean)} ± {_fmt(ms.sae.std)} |",
+        f"| SAE | {ms.sae.n_live} / {ms.sae.n_latents} | {as_figure(ms.sae.mean)} ± {as_figure(ms.sae.std)} |",
         (f"| raw neurons | {ms.neurons.n_live} / {ms.neurons.n_latents} | "
-        f"{_fmt(ms.neurons.mean)} ± {_fmt(ms.neurons.std)} |"),
+        f"{as_figure(ms.neurons.mean)} ± {as_figure(ms.neurons.std)} |"),
         "",
         f"Holds: **{ms.holds}**.",
         "",
@@ -189,11 +196,12 @@ def render_markdown(report: PaperReport) -> str:
         "",
         "| level | latents | scored | LCA depth | MS |",
         "|---|---|---|---|---|",
-        *[f"| {r.level} | {r.first_latent}-{r.first_latent + r.n_latents - 1} | {r.n_scored} | {_fmt(r.depth)} | "
-          f"{_fmt(r.ms)} |" for r in hi.levels],
+        *[f"| {r.level} | {r.first_latent}-{r.first_latent + r.n_latents - 1} | {r.n_scored} | "
+          f"{as_figure(r.depth)} | {as_figure(r.ms)} |" for r in hi.levels],
         "",
         f"Holds (last level deeper than the first): **{hi.holds}**.",
         "",
+        *_ideal_lines(hi.ideal),
         "## 3. Steering beats no steering",
         "",
         (f"{len(st.latents)} latents (highest MS, `{s.steering_pooling}` pooling) × {st.n_images} probe images, "
@@ -201,7 +209,8 @@ def render_markdown(report: PaperReport) -> str:
         "",
         "| shuffled (chance) | unsteered | steered | matched (upper) |",
         "|---|---|---|---|",
-        f"| {_fmt(st.shuffled.mean)} | {_fmt(st.unsteered.mean)} | {_fmt(st.steered.mean)} | {_fmt(st.matched.mean)} |",
+        (f"| {as_figure(st.shuffled.mean)} | {as_figure(st.unsteered.mean)} | {as_figure(st.steered.mean)} | "
+         f"{as_figure(st.matched.mean)} |"),
         "",
         f"Holds (shuffled < unsteered < steered ≤ matched): **{report.steering.holds}**.",
         "",
@@ -209,5 +218,26 @@ def render_markdown(report: PaperReport) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: float | None) -> str:
+def _ideal_lines(ideal: IdealHierarchyFinding) -> list[str]:
+    t = ideal.tree
+    return [
+        (f"The same measure on a tree written into activations ({t.families} families × {t.genera_per_family} "
+         f"genera × {t.species_per_genus} species, {t.vectors} vectors of width {t.d_in}, no tower): a Matryoshka "
+         f"SAE of {t.n_latents} latents (k = {t.k}) and a plain BatchTopK control of the same size, cut at the same "
+         "latents:"),
+        "",
+        "| level | latents | Matryoshka: scored | LCA depth | BatchTopK control: scored | LCA depth |",
+        "|---|---|---|---|---|---|",
+        *[f"| {m.level} | {m.first_latent}-{m.first_latent + m.n_latents - 1} | {m.n_scored} | "
+          f"{as_figure(m.depth)} | {c.n_scored} | {as_figure(c.depth)} |"
+          for m, c in zip(ideal.matryoshka, ideal.batchtopk)],
+        "",
+        (f"Rise, last level minus first: Matryoshka {as_figure(ideal.rise)}, control "
+         f"{as_figure(ideal.control_rise)}. Holds (Matryoshka rises, more than the control): **{ideal.holds}**."),
+        "",
+    ]
+
+
+def as_figure(value: float | None) -> str:
+    """A report figure to 3 decimals, or n/a where there was nothing to measure."""
     return "n/a" if value is None else f"{value:.3f}"
