@@ -7,7 +7,7 @@ PORT ?= 8000
 # torch and torchvision versions proven together with open_clip (see docs/DESIGN notes in README).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast bench serve demo-model demo-dictionary test-vllm load chromium promtool image paper
+.PHONY: install test test-fast bench serve demo-model demo-dictionary test-vllm load chromium promtool image paper taxa-tower
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,12 @@ demo-model: $(STAMP)
 demo-dictionary: $(STAMP)
 	$(PY) scripts/demo_dictionary.py
 
-# The paper's three findings in miniature on the shipped demo model, SAE and CLIP: out/paper/report.md (about 2 min).
+# The taxa tower (sae_modules/taxa/assets), finding 2's tower, rebuilt deterministically (about 3 min).
+taxa-tower: $(STAMP)
+	$(PY) -m sae_modules.taxa.build --out sae_modules/taxa/assets
+
+# The paper's three findings in miniature on the shipped demo model, SAE and CLIP and the taxa tower:
+# out/paper/report.md.
 paper: $(STAMP)
 	$(VENV)/bin/vlm-steer evaluate paper --out out/paper --device cpu
 
