@@ -1,8 +1,8 @@
 """`vlm-steer evaluate paper`: the paper's findings in miniature on the shipped demo, through the real CLI and
 steering engine, each figure recomputed here from the files it wrote, and the direction of findings 1 and 3
 asserted with margins. Finding 2 (depth rising with the Matryoshka level) is measured, not asserted, on the
-shapes world, where it does not hold (README, "The paper's findings in miniature"); it is asserted on the
-report's reference tree written into activations, against a plain BatchTopK control."""
+shapes world, where it does not hold (README, "The paper's findings in miniature"); it is asserted on the taxa
+world through its tower and on a tree written into activations, each against a plain BatchTopK control."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from sae_modules.activations.images import FolderImages
 from sae_modules.evaluation.encode import EncodedDir
 from sae_modules.evaluation.ideal_hierarchy import IdealTree
 from sae_modules.formats.detect import load_sae
@@ -138,35 +139,63 @@ def test_report_markdown_shows_the_json_figures(paper) -> None:
     assert "pooling `cls`" in md
 
 
+def _recount_levels(levels: dict, run_dir: Path, vectors: torch.Tensor, paths: list[tuple]) -> None:
+    """Every depth, rise and mean of a Matryoshka-vs-control comparison, recounted from the saved SAEs."""
+    for run in levels["runs"]:
+        for arch, key in (("matryoshka_batchtopk", "matryoshka"), ("batchtopk", "batchtopk")):
+            sae = load_sae(str(run_dir / f"{arch}-seed{run['seed']}" / FINAL_SAE))
+            assert sae.cfg.architecture == arch
+            with torch.no_grad():
+                values, top = sae.eval().encode(vectors).topk(TOP_K, dim=0)
+            recount, start = [], 0
+            for row in run[key]:
+                depths = []
+                for latent in range(start, start + row["n_latents"]):
+                    if values[-1, latent] <= 0:
+                        continue
+                    group = [paths[int(i)] for i in top[:, latent]]
+                    pairs = [sum(1 for _ in _shared(a, b)) for a, b in combinations(group, 2)]
+                    depths.append(sum(pairs) / len(pairs))
+                recount.append((len(depths), sum(depths) / len(depths) if depths else None))
+                start += row["n_latents"]
+            assert [(r["n_scored"], r["depth"]) for r in run[key]] == [
+                (n, pytest.approx(d, abs=1e-9)) for n, d in recount]
+            if arch == "matryoshka_batchtopk":
+                assert [r["n_latents"] for r in run[key]] == sae.cfg.group_sizes
+        for key, rise in (("matryoshka", "rise"), ("batchtopk", "control_rise")):
+            assert run[rise] == pytest.approx(run[key][-1]["depth"] - run[key][0]["depth"])
+    n = len(levels["runs"])
+    assert levels["rise"] == pytest.approx(sum(r["rise"] for r in levels["runs"]) / n)
+    assert levels["control_rise"] == pytest.approx(sum(r["control_rise"] for r in levels["runs"]) / n)
+    for level, depth in enumerate(levels["matryoshka_depth"]):
+        assert depth == pytest.approx(sum(r["matryoshka"][level]["depth"] for r in levels["runs"]) / n)
+
+
+def test_depth_rises_with_the_level_on_the_taxa_world_through_its_tower(paper) -> None:
+    """Finding 2 through a tower: the taxa tower's CLS vectors as extracted, the tree from the class folders."""
+    out, report = paper
+    taxa = report["hierarchy"]["taxa"]
+    shards = sorted((out / "taxa" / "activations").glob("*.safetensors"))
+    parts = [load_file(f) for f in shards]
+    vectors = torch.cat([p["activations"] for p in parts]).float()
+    vectors = vectors[torch.cat([p["image_index"] for p in parts]).argsort()]
+    ids = FolderImages(out / "taxa" / "images").ids
+    paths = [tuple(i.split("/")[0].split("_")) for i in ids]
+    assert len(vectors) == len(paths) == taxa["settings"]["images"]
+    assert {len(p) for p in paths} == {3}
+    _recount_levels(taxa["levels"], out / "taxa", vectors, paths)
+    levels = taxa["levels"]
+    assert levels["rise"] >= 0.15 and levels["rise"] >= levels["control_rise"] + 0.15, levels
+    assert levels["holds"] is True
+
+
 def test_depth_rises_with_the_level_where_the_representation_holds_the_tree(paper) -> None:
     """Finding 2's reference: on vectors that carry the tree, the Matryoshka SAE's levels go from coarse to
-    fine and a plain BatchTopK SAE's latent order does not. Every depth is recounted from the saved SAEs."""
+    fine and a plain BatchTopK SAE's latent order does not."""
     out, report = paper
     ideal = report["hierarchy"]["ideal"]
-    tree = IdealTree(**ideal["tree"])
-    vectors, paths = tree.sample()
-    for arch, key in (("matryoshka_batchtopk", "matryoshka"), ("batchtopk", "batchtopk")):
-        sae = load_sae(str(out / "ideal-tree" / arch / FINAL_SAE))
-        assert sae.cfg.architecture == arch and sae.n_latents == tree.n_latents
-        with torch.no_grad():
-            values, top = sae.eval().encode(vectors).topk(TOP_K, dim=0)
-        recount, start = [], 0
-        for row in ideal[key]:
-            depths = []
-            for latent in range(start, start + row["n_latents"]):
-                if values[-1, latent] <= 0:
-                    continue
-                group = [paths[int(i)] for i in top[:, latent]]
-                pairs = [sum(1 for _ in _shared(a, b)) for a, b in combinations(group, 2)]
-                depths.append(sum(pairs) / len(pairs))
-            recount.append((len(depths), sum(depths) / len(depths) if depths else None))
-            start += row["n_latents"]
-        assert [(r["n_scored"], r["depth"]) for r in ideal[key]] == [
-            (n, pytest.approx(d, abs=1e-9)) for n, d in recount]
-    assert [r["n_latents"] for r in ideal["matryoshka"]] == load_sae(
-        str(out / "ideal-tree" / "matryoshka_batchtopk" / FINAL_SAE)).cfg.group_sizes
-    rise = ideal["matryoshka"][-1]["depth"] - ideal["matryoshka"][0]["depth"]
-    control = ideal["batchtopk"][-1]["depth"] - ideal["batchtopk"][0]["depth"]
-    assert ideal["rise"] == pytest.approx(rise) and ideal["control_rise"] == pytest.approx(control)
-    assert rise >= 0.2 and rise >= control + 0.2, (rise, control)
-    assert ideal["holds"] is True
+    vectors, paths = IdealTree(**ideal["tree"]).sample()
+    _recount_levels(ideal["levels"], out / "ideal-tree", vectors, paths)
+    levels = ideal["levels"]
+    assert levels["rise"] >= 0.2 and levels["rise"] >= levels["control_rise"] + 0.2, levels
+    assert levels["holds"] is True

@@ -347,17 +347,19 @@ def paper_command(make_answer: AnswerFactory) -> Callable[..., None]:
         value: Annotated[float, typer.Option(help="Pin value (the paper's 100).")] = PAPER_VALUE,
         device: DeviceOpt = "auto",
     ) -> None:
-        """The paper's three findings in miniature on the shipped demo model, SAE and CLIP."""
+        """The paper's three findings in miniature on the shipped demo model, SAE and CLIP, and the taxa tower."""
         settings = PaperSettings(images=images, probes=probes, latents=n_latents, value=value)
         try:
             report = run_paper(out, make_answer, settings, device=str(resolve_device(device)))
         except _ERRORS as err:
             raise _fail(err) from None
+        taxa, ideal = report.hierarchy.taxa.levels, report.hierarchy.ideal.levels
         Console(stderr=True).print(
             f"MS SAE {report.monosemanticity.sae.mean:.3f} vs neurons {report.monosemanticity.neurons.mean:.3f}; "
             f"depth first/last level {as_figure(report.hierarchy.depth_first_level)} / "
-            f"{as_figure(report.hierarchy.depth_last_level)} (reference tree: rise "
-            f"{as_figure(report.hierarchy.ideal.rise)}, control {as_figure(report.hierarchy.ideal.control_rise)}); "
+            f"{as_figure(report.hierarchy.depth_last_level)}, taxa world rise {as_figure(taxa.rise)} (control "
+            f"{as_figure(taxa.control_rise)}), reference tree rise {as_figure(ideal.rise)} (control "
+            f"{as_figure(ideal.control_rise)}); "
             f"steering {report.steering.score.steered.mean:.3f} vs unsteered {report.steering.score.unsteered.mean:.3f} "
             f"-> {out / 'report.md'}")
 

@@ -2,10 +2,11 @@
 
 1. Monosemanticity: the SAE's latents against the raw neurons of the same block, MS from an
    independent image embedder (the demo's stage-1 CLIP, which the LLaVA's tower left behind).
-2. Hierarchy: mean LCA depth of each Matryoshka level's top images in the shapes label tree
-   (family -> shape -> coloured shape); the paper finds depth rising from coarse to fine levels.
-   It does not on the shapes world, so the report puts beside it the same measure on a tree written
-   straight into activations (`ideal_hierarchy`), with a plain BatchTopK SAE as control.
+2. Hierarchy: mean LCA depth of each Matryoshka level's top images in a label tree; the paper finds
+   depth rising from coarse to fine levels. Measured three ways: the demo SAE on the shapes world
+   (family -> shape -> coloured shape, where it does not hold); a Matryoshka SAE on the taxa world
+   through the taxa tower (`taxa_hierarchy`), the finding asserted; and on a tree written straight
+   into activations (`ideal_hierarchy`). The last two put a plain BatchTopK SAE beside it as control.
 3. Steering: the steering score with latents pinned against unsteered answers, with CLIP's own
    matched and shuffled image/label agreement as upper bound and chance. As in the paper's steering
    experiment (`--mean_pool` for its token-level SAE), latents and their top images come from the
@@ -32,6 +33,7 @@ from sae_modules.atomic_file import atomic_write_bytes, atomic_write_text
 from sae_modules.evaluation.embedders import ClipEmbedder
 from sae_modules.evaluation.encode import EncodedDir, Pooling, encode_images
 from sae_modules.evaluation.ideal_hierarchy import IdealHierarchyFinding, IdealTree, run_ideal_hierarchy
+from sae_modules.evaluation.level_comparison import LevelComparison
 from sae_modules.evaluation.monosemanticity import MSReport, monosemanticity, ms_report
 from sae_modules.evaluation.steering_score import (
     PAPER_VALUE,
@@ -40,6 +42,7 @@ from sae_modules.evaluation.steering_score import (
     prototypes,
     steering_score,
 )
+from sae_modules.evaluation.taxa_hierarchy import TaxaHierarchyFinding, TaxaSettings, run_taxa_hierarchy
 from sae_modules.evaluation.taxonomy_depth import LevelRow, by_level, latent_depths
 from sae_modules.formats.detect import load_sae
 from sae_modules.shapes import DEMO_CLIP_DIR, DEMO_MODEL_DIR, DEMO_SAE_DIR
@@ -60,6 +63,7 @@ class PaperSettings(BaseModel):
     pooling: Pooling = Field("cls", description="Per-image latent value for MS and depth: the paper's MS tables.")
     steering_pooling: Pooling = Field("mean", description="Per-image latent value that picks steered latents and "
                                                           "their top images: the paper's steering experiment.")
+    taxa: TaxaSettings = Field(default_factory=TaxaSettings, description="Finding 2 on the taxa world.")
     ideal_tree: IdealTree = Field(default_factory=IdealTree, description="Finding 2's reference tree and SAEs.")
     model: str = str(DEMO_MODEL_DIR)
     sae: str = str(DEMO_SAE_DIR)
@@ -76,7 +80,8 @@ class HierarchyFinding(BaseModel):
     levels: list[LevelRow]
     depth_first_level: float | None
     depth_last_level: float | None
-    holds: bool = Field(description="Mean LCA depth of the last level above the first's.")
+    holds: bool = Field(description="Shapes world: mean LCA depth of the last level above the first's.")
+    taxa: TaxaHierarchyFinding = Field(description="The same measure on the taxa world, through its tower.")
     ideal: IdealHierarchyFinding = Field(description="The same measure where the representation holds the tree.")
 
 
@@ -121,9 +126,9 @@ def run_paper(out: Path, answer_factory: Callable[[str, str, int, str], Answer],
     ms = MonosemanticityFinding(sae=reports["sae"][2], neurons=reports["neurons"][2],
                                 holds=_above(reports["sae"][2].mean, reports["neurons"][2].mean))
     summary, scores, _ = reports["sae"]
-    ideal = run_ideal_hierarchy(out / "ideal-tree", settings.ideal_tree, progress)
     hierarchy = _hierarchy(summary, scores, [label_path(attrs[_index(i)]) for i in source.ids],
-                           sae.cfg.group_sizes, ideal)
+                           sae.cfg.group_sizes, run_taxa_hierarchy(out / "taxa", settings.taxa, device, progress),
+                           run_ideal_hierarchy(out / "ideal-tree", settings.ideal_tree, progress))
     steering = _steering(encoded["sae-steering"], *reports["sae-steering"][:2], probes, clip,
                          answer_factory(settings.model, settings.sae, layer, device), settings)
     report = PaperReport(settings=settings, layer=layer, monosemanticity=ms, hierarchy=hierarchy, steering=steering)
@@ -141,13 +146,14 @@ def _above(a: float | None, b: float | None) -> bool:
     return a is not None and b is not None and a > b
 
 
-def _hierarchy(summary, scores, paths, group_sizes, ideal: IdealHierarchyFinding) -> HierarchyFinding:
+def _hierarchy(summary, scores, paths, group_sizes, taxa: TaxaHierarchyFinding,
+               ideal: IdealHierarchyFinding) -> HierarchyFinding:
     depths = latent_depths(summary.top_images, summary.top_values, paths)
     rows = by_level(depths, scores, group_sizes)
     scored = [row.depth for row in rows if row.depth is not None]
     first, last = (scored[0], scored[-1]) if scored else (None, None)
     return HierarchyFinding(levels=rows, depth_first_level=first, depth_last_level=last, holds=_above(last, first),
-                            ideal=ideal)
+                            taxa=taxa, ideal=ideal)
 
 
 def _steering(data: EncodedDir, summary, scores, probes: Path, clip: ClipEmbedder, answer: Answer,
@@ -177,7 +183,7 @@ def render_markdown(report: PaperReport) -> str:
     ms, hi, st = report.monosemanticity, report.hierarchy, report.steering.score
     s = report.settings
     lines = [
-        "# The paper's findings in miniature (shapes world)",
+        "# The paper's findings in miniature (shapes world; finding 2 also on the taxa world)",
         "",
         (f"Model `{s.model}`, SAE `{s.sae}` at block {report.layer}, judge/embedder `clip:{s.clip}`; "
         f"{s.images} images, pooling `{s.pooling}`, top {s.top_k} images per latent."),
@@ -194,13 +200,17 @@ def render_markdown(report: PaperReport) -> str:
         "",
         "## 2. Matryoshka levels from coarse to fine (LCA depth of top images)",
         "",
+        "The demo SAE on the shapes world (family → shape → coloured shape):",
+        "",
         "| level | latents | scored | LCA depth | MS |",
         "|---|---|---|---|---|",
         *[f"| {r.level} | {r.first_latent}-{r.first_latent + r.n_latents - 1} | {r.n_scored} | "
           f"{as_figure(r.depth)} | {as_figure(r.ms)} |" for r in hi.levels],
         "",
-        f"Holds (last level deeper than the first): **{hi.holds}**.",
+        (f"Holds (last level deeper than the first): **{hi.holds}** (a factorial world: every colour under every "
+         "shape)."),
         "",
+        *_taxa_lines(hi.taxa),
         *_ideal_lines(hi.ideal),
         "## 3. Steering beats no steering",
         "",
@@ -218,23 +228,47 @@ def render_markdown(report: PaperReport) -> str:
     return "\n".join(lines)
 
 
+def _comparison_lines(levels: LevelComparison) -> list[str]:
+    first = levels.runs[0]
+    seeds = ", ".join(str(r.seed) for r in levels.runs)
+    return [
+        f"| level | latents | Matryoshka: LCA depth (seeds {seeds}) | mean | BatchTopK control: LCA depth | mean |",
+        "|---|---|---|---|---|---|",
+        *[f"| {row.level} | {row.first_latent}-{row.first_latent + row.n_latents - 1} | "
+          f"{' / '.join(as_figure(r.matryoshka[i].depth) for r in levels.runs)} | "
+          f"{as_figure(levels.matryoshka_depth[i])} | "
+          f"{' / '.join(as_figure(r.batchtopk[i].depth) for r in levels.runs)} | "
+          f"{as_figure(levels.batchtopk_depth[i])} |"
+          for i, row in enumerate(first.matryoshka)],
+        "",
+        (f"Rise, last level minus first, per seed: Matryoshka {' / '.join(as_figure(r.rise) for r in levels.runs)} "
+         f"(mean {as_figure(levels.rise)}), control {' / '.join(as_figure(r.control_rise) for r in levels.runs)} "
+         f"(mean {as_figure(levels.control_rise)}). Holds (Matryoshka rises on average, more than the control): "
+         f"**{levels.holds}**."),
+        "",
+    ]
+
+
+def _taxa_lines(taxa: TaxaHierarchyFinding) -> list[str]:
+    w, s = taxa.world, taxa.settings
+    return [
+        (f"On the taxa world ({w['families']} families × {w['genera_per_family']} genera × "
+         f"{w['species_per_genus']} species, each taxon a motif its descendants inherit), {s.images} images "
+         f"through the taxa tower, CLS token of block {s.layer}: a Matryoshka SAE of {s.saes.n_latents} latents "
+         f"(k = {s.saes.k}) and a plain BatchTopK control of the same size, cut at the same latents:"),
+        "",
+        *_comparison_lines(taxa.levels),
+    ]
+
+
 def _ideal_lines(ideal: IdealHierarchyFinding) -> list[str]:
     t = ideal.tree
     return [
         (f"The same measure on a tree written into activations ({t.families} families × {t.genera_per_family} "
-         f"genera × {t.species_per_genus} species, {t.vectors} vectors of width {t.d_in}, no tower): a Matryoshka "
-         f"SAE of {t.n_latents} latents (k = {t.k}) and a plain BatchTopK control of the same size, cut at the same "
-         "latents:"),
+         f"genera × {t.species_per_genus} species, {t.vectors} vectors of width {t.d_in}, no tower), the same two "
+         "SAEs:"),
         "",
-        "| level | latents | Matryoshka: scored | LCA depth | BatchTopK control: scored | LCA depth |",
-        "|---|---|---|---|---|---|",
-        *[f"| {m.level} | {m.first_latent}-{m.first_latent + m.n_latents - 1} | {m.n_scored} | "
-          f"{as_figure(m.depth)} | {c.n_scored} | {as_figure(c.depth)} |"
-          for m, c in zip(ideal.matryoshka, ideal.batchtopk)],
-        "",
-        (f"Rise, last level minus first: Matryoshka {as_figure(ideal.rise)}, control "
-         f"{as_figure(ideal.control_rise)}. Holds (Matryoshka rises, more than the control): **{ideal.holds}**."),
-        "",
+        *_comparison_lines(ideal.levels),
     ]
 
 
