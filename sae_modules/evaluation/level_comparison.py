@@ -20,21 +20,24 @@ from sae_modules.activations.shards import ShardManifest, ShardWriter, iter_shar
 from sae_modules.evaluation.taxonomy_depth import LevelRow, Path_, by_level, latent_depths
 from sae_modules.formats.detect import load_sae
 from sae_modules.saes.base import SAE
+from sae_modules.shapes.recipe import Recipe
 from sae_modules.train.api import train_sae
 from sae_modules.train.config import TrainConfig
 
 ARCHITECTURES = ("matryoshka_batchtopk", "batchtopk")
+DEMO = Recipe()
 
 
 class LevelSaes(BaseModel):
-    """The two SAEs compared: sized to the tree (116 concepts), the demo SAE's levels and settings."""
+    """The two SAEs compared: sized to the tree (116 concepts), with the demo SAE's levels and settings."""
 
     n_latents: int = 128
-    group_fractions: list[float] = Field([0.0625, 0.0625, 0.125, 0.25, 0.5], description="The demo SAE's levels.")
+    group_fractions: list[float] = Field(default_factory=lambda: list(DEMO.sae_groups),
+                                         description="Matryoshka level sizes as fractions: the demo SAE's.")
     k: int = 4
-    steps: int = 1500
+    steps: int = DEMO.sae_steps
     top_k: int = 16
-    seeds: list[int] = Field([0, 1, 2], description="Training seeds; each trains both SAEs.")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="Training seeds; each trains both SAEs.")
 
 
 class SeedRun(BaseModel):
@@ -89,9 +92,10 @@ def train_saes(shards: Path, out: Path, saes: LevelSaes, seed: int, progress: bo
     for arch in ARCHITECTURES:
         config = TrainConfig(
             shards=shards, out=out / f"{arch}-seed{seed}", architecture=arch, n_latents=saes.n_latents, k=saes.k,
-            group_fractions=saes.group_fractions if arch == "matryoshka_batchtopk" else None, auxk_alpha=1 / 32,
-            dead_window=5_000, threshold_decay=0.99, threshold_start_step=0, recipe="paper", optimizer="adam",
-            steps=saes.steps, batch_size=512, lr=1e-3, warmup_steps=max(1, saes.steps // 20), decay="cosine",
+            group_fractions=saes.group_fractions if arch == "matryoshka_batchtopk" else None,
+            auxk_alpha=DEMO.sae_auxk_alpha, dead_window=DEMO.sae_dead_window, threshold_decay=DEMO.sae_threshold_decay,
+            threshold_start_step=0, recipe="paper", optimizer="adam", steps=saes.steps, batch_size=DEMO.sae_batch,
+            lr=DEMO.sae_lr, warmup_steps=max(1, saes.steps // 20), decay="cosine",
             seed=seed, holdout_shards=0, checkpoint_every=saes.steps, keep_checkpoints=1, latent_stats=False,
             resume=True, progress=progress,
         )
