@@ -80,9 +80,21 @@ def test_taxonomy_depth_per_level_equals_a_recount_from_the_top_images(paper) ->
     data, acts, _ = _encoded(out, "sae")
     attrs = [a for _, a in generate(IMAGES, seed="paper-findings-images")]
     paths = [label_path(attrs[int(Path(i).stem)]) for i in data.info.ids]
+    levels = _recount_depths(acts, paths, load_sae(DEMO_SAE_DIR).cfg.group_sizes)
+    got = [(row["n_scored"], row["depth"]) for row in report["hierarchy"]["levels"]]
+    assert [n for n, _ in got] == [n for n, _ in levels]
+    for (_, depth), (_, want) in zip(got, levels):
+        assert (depth is None) == (want is None) and (want is None or depth == pytest.approx(want, abs=1e-9))
+    assert sum(n for n, _ in got) >= 20, "most levels must have latents to score"
+    first, last = report["hierarchy"]["depth_first_level"], report["hierarchy"]["depth_last_level"]
+    assert report["hierarchy"]["holds"] == (last > first)
+
+
+def _recount_depths(acts: torch.Tensor, paths: list[tuple], sizes: list[int]) -> list[tuple[int, float | None]]:
+    """(latents scored, mean pairwise LCA depth of their top images) per level, counted by hand."""
     values, top = acts.topk(TOP_K, dim=0)
     levels, start = [], 0
-    for size in load_sae(DEMO_SAE_DIR).cfg.group_sizes:
+    for size in sizes:
         depths = []
         for latent in range(start, start + size):
             if values[-1, latent] <= 0:
@@ -92,13 +104,7 @@ def test_taxonomy_depth_per_level_equals_a_recount_from_the_top_images(paper) ->
             depths.append(sum(pairs) / len(pairs))
         levels.append((len(depths), sum(depths) / len(depths) if depths else None))
         start += size
-    got = [(row["n_scored"], row["depth"]) for row in report["hierarchy"]["levels"]]
-    assert [n for n, _ in got] == [n for n, _ in levels]
-    for (_, depth), (_, want) in zip(got, levels):
-        assert (depth is None) == (want is None) and (want is None or depth == pytest.approx(want, abs=1e-9))
-    assert sum(n for n, _ in got) >= 20, "most levels must have latents to score"
-    first, last = report["hierarchy"]["depth_first_level"], report["hierarchy"]["depth_last_level"]
-    assert report["hierarchy"]["holds"] == (last > first)
+    return levels
 
 
 def _shared(a: tuple, b: tuple):
@@ -146,18 +152,8 @@ def _recount_levels(levels: dict, run_dir: Path, vectors: torch.Tensor, paths: l
             sae = load_sae(str(run_dir / f"{arch}-seed{run['seed']}" / FINAL_SAE))
             assert sae.cfg.architecture == arch
             with torch.no_grad():
-                values, top = sae.eval().encode(vectors).topk(TOP_K, dim=0)
-            recount, start = [], 0
-            for row in run[key]:
-                depths = []
-                for latent in range(start, start + row["n_latents"]):
-                    if values[-1, latent] <= 0:
-                        continue
-                    group = [paths[int(i)] for i in top[:, latent]]
-                    pairs = [sum(1 for _ in _shared(a, b)) for a, b in combinations(group, 2)]
-                    depths.append(sum(pairs) / len(pairs))
-                recount.append((len(depths), sum(depths) / len(depths) if depths else None))
-                start += row["n_latents"]
+                codes = sae.eval().encode(vectors)
+            recount = _recount_depths(codes, paths, [row["n_latents"] for row in run[key]])
             assert [(r["n_scored"], r["depth"]) for r in run[key]] == [
                 (n, pytest.approx(d, abs=1e-9)) for n, d in recount]
             if arch == "matryoshka_batchtopk":

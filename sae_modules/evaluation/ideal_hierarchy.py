@@ -20,11 +20,12 @@ from torch import Tensor
 
 from sae_modules.evaluation.level_comparison import LevelComparison, LevelSaes, compare_levels, write_vectors
 from sae_modules.evaluation.taxonomy_depth import Path_
+from sae_modules.taxa.world import TreeShape
 
 TREE_SEED, VECTOR_SEED = 20250301, 20250302
 
 
-class IdealTree(BaseModel):
+class IdealTree(BaseModel, TreeShape):
     """The tree and how its vectors are drawn; recorded in the report."""
 
     families: int = 4
@@ -36,14 +37,6 @@ class IdealTree(BaseModel):
     vectors: int = Field(4000, description="Vectors drawn (train and measure: one per 'image').")
     saes: LevelSaes = Field(default_factory=LevelSaes)
 
-    @property
-    def n_genera(self) -> int:
-        return self.families * self.genera_per_family
-
-    @property
-    def n_species(self) -> int:
-        return self.n_genera * self.species_per_genus
-
     def sample(self) -> tuple[Tensor, list[Path_]]:
         """The vectors [vectors, d_in] and each one's (family, genus, species) path."""
         tree = torch.Generator().manual_seed(TREE_SEED)
@@ -51,14 +44,12 @@ class IdealTree(BaseModel):
         directions = [torch.randn(n, self.d_in, generator=tree) for n in sizes]
         draw = torch.Generator().manual_seed(VECTOR_SEED)
         species = torch.randint(self.n_species, (self.vectors,), generator=draw)
-        genus = species // self.species_per_genus
-        family = genus // self.genera_per_family
+        family, genus = self.ancestors(species)
         x = self.noise * torch.randn(self.vectors, self.d_in, generator=draw)
         for level, index in zip(directions, (family, genus, species)):
             salience = torch.empty(self.vectors, 1).log_normal_(0.0, self.salience_sigma, generator=draw)
             x += salience * level[index]
-        paths = [(f"f{f}", f"g{g}", f"s{s}") for f, g, s in zip(family.tolist(), genus.tolist(), species.tolist())]
-        return x, paths
+        return x, [self.path(s) for s in species.tolist()]
 
 
 class IdealHierarchyFinding(BaseModel):

@@ -66,8 +66,8 @@ def image_processor(recipe: TowerRecipe) -> CLIPImageProcessor:
 
 def _targets(world: TaxaWorld, species: list[int]) -> list[torch.Tensor]:
     s = torch.tensor(species)
-    genus = s // world.species_per_genus
-    return [genus // world.genera_per_family, genus, s]
+    family, genus = world.ancestors(s)
+    return [family, genus, s]
 
 
 def _batch(world: TaxaWorld, processor: CLIPImageProcessor, count: int, seed: str) -> tuple[torch.Tensor, list]:

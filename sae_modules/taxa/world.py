@@ -47,8 +47,35 @@ def stable_seed(seed: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little") >> 1
 
 
+class TreeShape:
+    """A complete three-level tree (family, genus, species) given by its branching; species are numbered so
+    that a genus' species and a family's genera are contiguous. Mixed into anything with those three counts."""
+
+    families: int
+    genera_per_family: int
+    species_per_genus: int
+
+    @property
+    def n_genera(self) -> int:
+        return self.families * self.genera_per_family
+
+    @property
+    def n_species(self) -> int:
+        return self.n_genera * self.species_per_genus
+
+    def ancestors(self, species: Tensor) -> tuple[Tensor, Tensor]:
+        """Each species' family and genus."""
+        genus = species // self.species_per_genus
+        return genus // self.genera_per_family, genus
+
+    def path(self, species: int) -> tuple[str, str, str]:
+        """The species' labels from the coarsest level down (root excluded), unique within each level."""
+        genus = species // self.species_per_genus
+        return f"f{genus // self.genera_per_family}", f"g{genus}", f"s{species}"
+
+
 @dataclass(frozen=True)
-class TaxaWorld:
+class TaxaWorld(TreeShape):
     """The tree's shape and how its motifs are drawn; `TaxaWorld()` is the world the shipped tower learned."""
 
     families: int = 4
@@ -65,14 +92,6 @@ class TaxaWorld:
         if self.image_size % self.tile:
             raise TaxaWorldError(f"image_size: {self.image_size} is not a multiple of tile {self.tile}")
 
-    @property
-    def n_genera(self) -> int:
-        return self.families * self.genera_per_family
-
-    @property
-    def n_species(self) -> int:
-        return self.n_genera * self.species_per_genus
-
     @cached_property
     def motifs(self) -> tuple[Tensor, Tensor, Tensor]:
         """Zero-mean, unit-std motifs [n, 3, H, W] of every family, genus and species, tiled over the image."""
@@ -87,11 +106,6 @@ class TaxaWorld:
 
         return draw(self.families), draw(self.n_genera), draw(self.n_species)
 
-    def path(self, species: int) -> tuple[str, str, str]:
-        """The species' labels from the coarsest level down (root excluded), unique within each level."""
-        genus = species // self.species_per_genus
-        return f"f{genus // self.genera_per_family}", f"g{genus}", f"s{species}"
-
     def label(self, species: int) -> str:
         """The class-folder name `f<i>_g<j>_s<k>`, which `folder_taxonomy` reads back as the path."""
         return "_".join(self.path(species))
@@ -102,8 +116,7 @@ class TaxaWorld:
             raise TaxaWorldError(f"count: must be >= 0, got {count}")
         generator = torch.Generator().manual_seed(stable_seed(seed))
         species = torch.randint(self.n_species, (count,), generator=generator)
-        genus = species // self.species_per_genus
-        family = genus // self.genera_per_family
+        family, genus = self.ancestors(species)
         image = torch.full((count, 3, self.image_size, self.image_size), 0.5)
         for motifs, index, amplitude in zip(self.motifs, (family, genus, species), self.amplitude):
             salience = torch.empty(count, 1, 1, 1).log_normal_(0.0, self.salience_sigma, generator=generator)
