@@ -76,8 +76,17 @@ def _batch(world: TaxaWorld, processor: CLIPImageProcessor, count: int, seed: st
 
 
 def train_tower(recipe: TowerRecipe, progress: bool = True) -> tuple[CLIPVisionModel, torch.nn.ModuleList, dict]:
-    """The trained tower, its three heads and its held-out accuracy per level."""
+    """The trained tower, its three heads and its held-out accuracy per level; the thread count that makes
+    the weights reproducible holds only while training (the caller's is restored)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
+    try:
+        return _train(recipe, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: TowerRecipe, progress: bool) -> tuple[CLIPVisionModel, torch.nn.ModuleList, dict]:
     torch.manual_seed(recipe.seed)
     world, processor = recipe.taxa_world(), image_processor(recipe)
     config = CLIPVisionConfig(
