@@ -81,10 +81,18 @@ def check_layers(saes: dict[str, str], layers: dict[str, int]) -> None:
     from sae_modules.formats import CheckpointError, load_sae
 
     for sae_id, path in saes.items():
-        if sae_id not in layers and load_sae(path).cfg.source.layer is None:
+        if sae_id in layers:
+            continue
+        recorded = load_sae(path).cfg.source.layer
+        if recorded is None:
             raise CheckpointError(
                 f"config: SAE {sae_id!r} ({path}) does not record the tower block it reads; set it in the "
                 f"registry as saes.{sae_id}.layer (the paper's steering SAE reads block 22)"
+            )
+        if not isinstance(recorded, int):
+            raise CheckpointError(
+                f"config: SAE {sae_id!r} ({path}) was trained on the image embedding ({recorded!r}), which LLaVA "
+                "never reads; serve an SAE trained on a tower block"
             )
 
 

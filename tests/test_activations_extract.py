@@ -239,6 +239,10 @@ def test_all_images_unreadable_is_an_error(tower, model_dir, tmp_path):
         (["--dataset", "{empty}"], "is not a dataset saved with save_to_disk"),
         (["--images", "{images}", "--dtype", "int8"], "--dtype: 'int8' is not one of"),
         (["--images", "{images}", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--images", "{images}", "--layer", "final"], "--layer: 'final' is neither a block index nor 'last'"),
+        (["--images", "{images}", "--layer", "last", "--tokens", "mean"],
+         "--tokens: the image embedding (--layer last) is one vector per image; mean picks patches"),
+        (["--images", "{images}", "--layer", "last", "--tokens", "random:2"], "random:2 picks patches"),
     ],
 )
 def test_cli_bad_inputs_exit_with_a_clear_message(model_dir, image_dir, tmp_path, args, message):
@@ -264,3 +268,22 @@ def test_cli_extracts_and_a_different_rerun_is_refused(model_dir, image_dir, tmp
     assert read_manifest(tmp_path).layer == 1 and _rows(tmp_path)["activations"].dtype == torch.bfloat16
     result = CliRunner().invoke(app, [*base, "--layer", "0", "--tokens", "cls", "--dtype", "bfloat16"])
     assert result.exit_code == 2 and "differs in: layer" in result.output
+
+
+def test_cli_extracts_the_image_embedding_one_vector_per_image(model_dir, image_dir, tmp_path):
+    """`--layer last` needs no --tokens: each image's pooled output (this tower has no projection), CLS slot."""
+    app = typer.Typer()
+    app.command()(extract)
+    result = CliRunner().invoke(app, ["--model", str(model_dir), "--images", str(image_dir), "--out", str(tmp_path),
+                                      "--layer", "last", "--batch-size", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path)
+    assert (manifest.layer, manifest.tokens, manifest.d_in, manifest.count) == ("last", "cls", 32, 5)
+    rows = _rows(tmp_path)
+    source = FolderImages(image_dir)
+    model = fx.clip_vision()
+    tower = load_tower(str(model_dir), device="cpu")
+    with torch.no_grad():
+        pooled = model(pixel_values=tower.preprocess([source.load(i) for i in range(5)])).pooler_output
+    assert rows["image_index"].tolist() == list(range(5)) and rows["token_index"].tolist() == [0] * 5
+    torch.testing.assert_close(rows["activations"], pooled, rtol=0, atol=1e-6)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sae_modules.activations.blocks import capture_block_output
+from sae_modules.activations.blocks import capture_block_output, resolve_layer
 from sae_modules.activations.errors import ExtractError
 from sae_modules.activations.towers import load_tower
 from tests import activations_fixtures as fx
@@ -139,3 +139,48 @@ def test_layer_out_of_range(tmp_path):
     tower = load_tower(str(tmp_path), device="cpu")
     with pytest.raises(ExtractError, match="--layer: layer 3 is out of range for a tower of 3 blocks"):
         tower.layer_output(torch.zeros(1, 3, 32, 32), 3)
+
+
+def _embedding(tower, pixels) -> torch.Tensor:
+    out = tower.layer_output(pixels, "last")
+    assert out.shape == (len(pixels), 1, tower.width_at("last")) and tower.tokens_at("last") == 1
+    return out[:, 0]
+
+
+def test_last_layer_is_each_towers_image_embedding(tmp_path, images):
+    """'last': CLIP's projected embedding where the checkpoint has the projection, else the pooled output."""
+    clip = fx.clip_model()
+    clip.save_pretrained(tmp_path / "clip")
+    tower = load_tower(str(tmp_path / "clip"), device="cpu")
+    pixels = tower.preprocess(images)
+    with torch.no_grad():
+        projected = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+    assert tower.width_at("last") == 16 and tower.width_at(-2) == 32
+    torch.testing.assert_close(_embedding(tower, pixels), projected, rtol=0, atol=1e-6)
+    _check_layers(tower, clip.vision_model, pixels)
+
+    bare = fx.clip_vision()
+    bare.save_pretrained(tmp_path / "vision")
+    tower = load_tower(str(tmp_path / "vision"), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(_embedding(tower, pixels), bare(pixel_values=pixels).pooler_output, rtol=0, atol=1e-6)
+
+    model, weights = fx.open_clip_tower(tmp_path / "open_clip")
+    tower = load_tower(f"open_clip:{fx.OPEN_CLIP_NAME}", weights=str(weights), device="cpu")
+    pixels = tower.preprocess(images)
+    with torch.no_grad():
+        torch.testing.assert_close(_embedding(tower, pixels), model.encode_image(pixels), rtol=0, atol=1e-6)
+
+
+def test_a_projection_that_does_not_fit_the_tower_is_refused(tmp_path):
+    fx.clip_model().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["visual_projection.weight"] = torch.zeros(16, 31)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExtractError, match=r"visual projection of shape \(16, 31\)"):
+        load_tower(str(tmp_path), device="cpu")
+
+
+def test_the_image_embedding_is_no_block_to_attach_an_sae_to():
+    with pytest.raises(ValueError, match="'last' is not a block index"):
+        resolve_layer("last", 24)

@@ -180,6 +180,7 @@ def test_unknown_sae_is_rejected(engine, pixels):
     ({"architecture": "batchtopk", "layer": 1, "d_in": 48}, "d_in"),
     ({"architecture": "batchtopk", "layer": 2}, "layer"),
     ({"architecture": "batchtopk", "layer": 7}, "layer"),
+    ({"architecture": "batchtopk", "layer": "last"}, "layer"),
     ({"architecture": "batchtopk", "layer": 1, "model_id": "openai/clip-vit-base-patch32"}, "model"),
 ])
 def test_sae_that_does_not_fit_is_refused_at_load(tiny_llava_dir, tmp_path, kwargs, field):

@@ -24,6 +24,7 @@ from sae_modules.formats.detect import load_sae
 from sae_modules.shapes import DEMO_SAE_DIR
 from sae_modules.shapes.label_tree import label_path
 from sae_modules.shapes.world import generate
+from sae_modules.taxa import TAXA_TOWER_DIR
 from sae_modules.train.trainer import FINAL_SAE
 
 IMAGES, PROBES, LATENTS, TOP_K = 600, 12, 6, 16
@@ -168,14 +169,25 @@ def _recount_levels(levels: dict, run_dir: Path, vectors: torch.Tensor, paths: l
 
 
 def test_depth_rises_with_the_level_on_the_taxa_world_through_its_tower(paper) -> None:
-    """Finding 2 through a tower: the taxa tower's CLS vectors as extracted, the tree from the class folders."""
+    """Finding 2 through a tower: the taxa tower's image embeddings as extracted (each its pooled output, the
+    vector its heads read, recomputed here for a sample), the tree from the class folders."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
     out, report = paper
     taxa = report["hierarchy"]["taxa"]
+    assert taxa["settings"]["layer"] == "last"
     shards = sorted((out / "taxa" / "activations").glob("*.safetensors"))
     parts = [load_file(f) for f in shards]
     vectors = torch.cat([p["activations"] for p in parts]).float()
     vectors = vectors[torch.cat([p["image_index"] for p in parts]).argsort()]
-    ids = FolderImages(out / "taxa" / "images").ids
+    source = FolderImages(out / "taxa" / "images")
+    sample = range(0, len(source.ids), 97)
+    pixels = CLIPImageProcessor.from_pretrained(TAXA_TOWER_DIR)(
+        images=[source.load(i) for i in sample], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        pooled = CLIPVisionModel.from_pretrained(TAXA_TOWER_DIR).eval()(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(vectors[list(sample)], pooled, rtol=0, atol=1e-5)
+    ids = source.ids
     paths = [tuple(i.split("/")[0].split("_")) for i in ids]
     assert len(vectors) == len(paths) == taxa["settings"]["images"]
     assert {len(p) for p in paths} == {3}

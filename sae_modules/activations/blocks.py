@@ -10,9 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor, nn
 
+LAST_LAYER = "last"
+#: A block index (negative from the end) or "last", the tower's image embedding after every block.
+Layer = int | Literal["last"]
 _VISION_PREFIXES = ("model.vision_tower.", "vision_tower.", "vision_model.", "visual.", "")
 _BLOCK_SUFFIXES = ("encoder.layers", "transformer.resblocks")
 
@@ -28,8 +32,11 @@ def vision_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"no vision transformer blocks found in {type(model).__name__}")
 
 
-def resolve_layer(layer: int, n_blocks: int) -> int:
+def resolve_layer(layer: Layer, n_blocks: int) -> int:
     """A block index in [0, n_blocks): negative indices count from the end, like LLaVA's -2."""
+    if layer == LAST_LAYER:
+        raise ValueError(f"layer {layer!r} is not a block index: an SAE trained on the image embedding ('last'), "
+                         "which comes after every block and which LLaVA never reads, has no block to attach to")
     resolved = layer + n_blocks if layer < 0 else layer
     if not 0 <= resolved < n_blocks:
         raise ValueError(f"layer {layer} is out of range for a tower of {n_blocks} blocks")

@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from sae_modules.activations.blocks import LAST_LAYER
 from sae_modules.activations.errors import ExtractError
 from sae_modules.activations.extract import ExtractionPlan, run_extraction
 from sae_modules.activations.images import DatasetImages, FolderImages, ImageSource
 from sae_modules.activations.tokens import SPEC_HELP, TokenSelection
-from sae_modules.activations.towers import load_tower
+from sae_modules.activations.towers import load_tower, parse_layer
 from sae_modules.cli_errors import reported_errors
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -34,7 +35,11 @@ def extract(
         str, typer.Option(help="Hub id or local checkpoint (CLIP, CLIPVision, LLaVA), or open_clip:NAME.")
     ],
     layer: Annotated[
-        int, typer.Option(help="Block index; negative counts from the end (LLaVA-1.5 reads -2).")
+        str,
+        typer.Option(
+            help="Block index, negative from the end (LLaVA-1.5 reads -2), or 'last': the image embedding, "
+            "one vector per image (CLIP's visual projection; a tower without one gives its pooled output)."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Shard directory; rerunning resumes an unfinished run.")],
     images: Annotated[
@@ -49,7 +54,9 @@ def extract(
     weights: Annotated[
         Path | None, typer.Option(help="open_clip weights (.safetensors or state dict).")
     ] = None,
-    tokens: Annotated[str, typer.Option(help=SPEC_HELP)] = "random:2",
+    tokens: Annotated[
+        str | None, typer.Option(help=f"{SPEC_HELP}; default random:2 at a block, cls (the one vector) at 'last'.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     shard_size: Annotated[int, typer.Option(help="Vectors per shard file.")] = 65536,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, float16, bfloat16.")] = "float32",
@@ -66,9 +73,15 @@ def extract(
     with reported_errors():
         if dtype not in _DTYPES:
             raise ExtractError(f"--dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
+        try:
+            block = parse_layer(layer)
+        except ValueError as err:
+            raise ExtractError(f"--layer: {err}") from None
+        if tokens is None:
+            tokens = "cls" if block == LAST_LAYER else "random:2"
         plan = ExtractionPlan(
             model=model,
-            layer=layer,
+            layer=block,
             tokens=TokenSelection.parse(tokens),
             dtype=dtype,  # type: ignore[arg-type]
             seed=seed,

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from sae_modules.activations.blocks import LAST_LAYER, Layer
 from sae_modules.activations.errors import ExtractError
 from sae_modules.activations.images import ImageSource, UnreadableImage
 from sae_modules.activations.shards import DType, ShardManifest, ShardWriter
@@ -32,7 +33,7 @@ class ExtractionPlan:
     """Everything that decides the rows on disk; a rerun must match it to resume."""
 
     model: str
-    layer: int
+    layer: Layer
     tokens: TokenSelection
     dtype: DType = "float32"
     seed: int = 0
@@ -45,16 +46,21 @@ class ExtractionPlan:
                 raise ExtractError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
+        if self.layer == LAST_LAYER and self.tokens.mode not in ("cls", "all"):
+            raise ExtractError(
+                f"--tokens: the image embedding (--layer last) is one vector per image; {self.tokens} "
+                "picks patches it does not have (give cls, or leave --tokens unset)"
+            )
 
 
 def open_writer(plan: ExtractionPlan, tower: Tower, source: ImageSource, out: Path) -> ShardWriter:
     """The writer for `out`, resuming it when it holds an unfinished run of the same plan."""
-    plan.tokens.per_image(tower.n_tokens)
+    plan.tokens.per_image(tower.tokens_at(plan.layer))
     manifest = ShardManifest(
         model=plan.model,
         layer=tower.block_index(plan.layer),
         tokens=str(plan.tokens),
-        d_in=tower.d_model,
+        d_in=tower.width_at(plan.layer),
         dtype=plan.dtype,
         images=source.ids,
         labels=source.labels,

@@ -41,7 +41,7 @@ class TowerActor:
         images, indices = load_batch(self.source, batch["image"].tolist())
         if not images:
             empty = np.zeros(0, dtype=np.int64)
-            nothing = np.zeros((0, self.tower.d_model), np.float32)
+            nothing = np.zeros((0, self.tower.width_at(self.plan.layer)), np.float32)
             return {"activations": nothing, "image_index": empty, "token_index": empty}
         rows, image_index, token_index = tower_rows(self.tower, self.plan, images, indices)
         return {

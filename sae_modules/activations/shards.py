@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from sae_modules.activations.blocks import Layer
 from sae_modules.atomic_file import atomic_write_bytes
 from sae_modules.errors import VlmSteerError
 
@@ -57,7 +58,7 @@ class ShardManifest(BaseModel):
 
     format: Literal["vlm-steer-activations/1"] = FORMAT
     model: str
-    layer: int = Field(description="Block index as given by the user (negative counts from the end).")
+    layer: Layer = Field(description="Block index (negative counts from the end), or 'last': the image embedding.")
     tokens: str = Field(description="all | cls | patches | mean | random:K")
     d_in: int = Field(gt=0)
     dtype: DType = "float32"

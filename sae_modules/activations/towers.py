@@ -4,6 +4,12 @@ Only the tower's weights are read, even from a LLaVA checkpoint: the 7B language
 built, so extraction fits wherever the tower fits. Checkpoint key layouts differ between
 libraries and releases (`vision_model.`, `vision_tower.`, `model.vision_tower.`), so keys are
 matched by stripping known prefixes rather than by one fixed path.
+
+Besides its blocks, a tower offers the layer "last": its image embedding, one vector per image.
+That is CLIP's visual projection of the pooled CLS token (768-d for ViT-L/14, the layer the
+paper's iNaturalist rows use) when the checkpoint has the projection (CLIPModel,
+CLIPVisionModelWithProjection, open_clip), else the pooled output itself (a bare
+CLIPVisionModel, LLaVA's tower), which is what a classifier head on the tower reads.
 """
 
 from __future__ import annotations
@@ -17,10 +23,17 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from sae_modules.activations.blocks import capture_block_output, resolve_layer, vision_blocks
+from sae_modules.activations.blocks import (
+    LAST_LAYER,
+    Layer,
+    capture_block_output,
+    resolve_layer,
+    vision_blocks,
+)
 from sae_modules.activations.errors import ExtractError
 
 OPEN_CLIP_PREFIX = "open_clip:"
+_PROJECTION = "visual_projection.weight"
 _CHECKPOINT_PREFIXES = (
     "",
     "vision_model.",
@@ -34,37 +47,62 @@ _SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 @dataclass
 class Tower:
-    """A vision tower ready to run: `layer_output` gives one block's output for a pixel batch."""
+    """A vision tower ready to run: `layer_output` gives one block's output, or the image embedding
+    ("last"), for a pixel batch."""
 
     name: str
     module: nn.Module
     blocks: nn.ModuleList
     n_tokens: int
     d_model: int
+    embedding_width: int
     device: torch.device
     _preprocess: Callable[[Sequence[Image.Image]], Tensor]
     _forward: Callable[[Tensor], object]
+    _embed: Callable[[Tensor], Tensor]
     _seq_first: bool = False
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
         """RGB images -> the pixel tensor [B, 3, H, W] this tower was trained on."""
         return self._preprocess(images)
 
-    def block_index(self, layer: int) -> int:
+    def block_index(self, layer: Layer) -> Layer:
+        """A block index in [0, blocks), or "last" as it is."""
+        if layer == LAST_LAYER:
+            return LAST_LAYER
         try:
             return resolve_layer(layer, len(self.blocks))
         except ValueError as err:
             raise ExtractError(f"--layer: {err}") from None
 
+    def tokens_at(self, layer: Layer) -> int:
+        return 1 if layer == LAST_LAYER else self.n_tokens
+
+    def width_at(self, layer: Layer) -> int:
+        return self.embedding_width if layer == LAST_LAYER else self.d_model
+
     @torch.no_grad()
-    def layer_output(self, pixels: Tensor, layer: int) -> Tensor:
-        """Block `layer`'s output [B, T, D] (= hidden_states[layer + 1]); blocks above it are not run."""
-        block = self.blocks[self.block_index(layer)]
-        dtype = next(self.module.parameters()).dtype
-        with capture_block_output(block, stop=True) as captured:
-            self._forward(pixels.to(self.device, dtype))
+    def layer_output(self, pixels: Tensor, layer: Layer) -> Tensor:
+        """Block `layer`'s output [B, T, D] (= hidden_states[layer + 1]), blocks above it not run; or, for
+        "last", the image embedding as one token [B, 1, E]."""
+        index = self.block_index(layer)
+        pixels = pixels.to(self.device, next(self.module.parameters()).dtype)
+        if index == LAST_LAYER:
+            return self._embed(pixels)[:, None, :]
+        with capture_block_output(self.blocks[index], stop=True) as captured:
+            self._forward(pixels)
         output = captured.output
         return output.transpose(0, 1) if self._seq_first else output
+
+
+def parse_layer(text: str) -> Layer:
+    """A command-line layer: a block index (negative from the end) or "last"; ValueError otherwise."""
+    if text.strip() == LAST_LAYER:
+        return LAST_LAYER
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a block index nor '{LAST_LAYER}'") from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -161,19 +199,36 @@ def _checkpoint_tensors(model: str, wanted: set[str]) -> dict[str, Tensor]:
 
 
 def _load_transformers(model: str, device: torch.device) -> Tower:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        CLIPVisionModelWithProjection,
+    )
 
     config_file = _fetch(model, "config.json")
     if config_file is None:
         raise ExtractError(f"--model: {model!r} not found (no config.json locally or in the hub cache)")
     config = CLIPVisionConfig.from_dict(_vision_config(json.loads(config_file.read_text()), model))
-    tower = CLIPVisionModel(config)
-    wanted = set(tower.state_dict())
-    tensors = _checkpoint_tensors(model, wanted)
+    wanted = set(CLIPVisionModel(config).state_dict())
+    tensors = _checkpoint_tensors(model, wanted | {_PROJECTION})
+    projection = tensors.pop(_PROJECTION, None)
     missing = sorted(wanted - set(tensors))
     if missing:
         raise ExtractError(f"--model: {model!r} lacks vision-tower weights, e.g. {missing[:3]}")
-    tower.load_state_dict(tensors, strict=True)
+    if projection is None:
+        tower = CLIPVisionModel(config)
+        tower.load_state_dict(tensors, strict=True)
+        embed = lambda pixels: tower(pixel_values=pixels).pooler_output
+    else:
+        if projection.ndim != 2 or projection.shape[1] != config.hidden_size:
+            raise ExtractError(f"--model: {model!r} has a visual projection of shape {tuple(projection.shape)}, "
+                               f"which does not take the tower's width {config.hidden_size}")
+        config.projection_dim = projection.shape[0]
+        tower = CLIPVisionModelWithProjection(config)
+        tower.load_state_dict({f"vision_model.{key}": value for key, value in tensors.items()}
+                              | {_PROJECTION: projection}, strict=True)
+        embed = lambda pixels: tower(pixel_values=pixels).image_embeds
 
     processor_file = _fetch(model, "preprocessor_config.json")
     if processor_file is not None:
@@ -189,9 +244,11 @@ def _load_transformers(model: str, device: torch.device) -> Tower:
         blocks=vision_blocks(tower),
         n_tokens=(config.image_size // config.patch_size) ** 2 + 1,
         d_model=config.hidden_size,
+        embedding_width=config.hidden_size if projection is None else projection.shape[0],
         device=device,
         _preprocess=lambda images: processor(images=list(images), return_tensors="pt")["pixel_values"],
         _forward=lambda pixels: tower(pixel_values=pixels),
+        _embed=embed,
     )
 
 
@@ -224,9 +281,11 @@ def _load_open_clip(model: str, weights: str | None, device: torch.device) -> To
         blocks=transformer.resblocks,
         n_tokens=grid[0] * grid[1] + 1,
         d_model=transformer.width,
+        embedding_width=visual.output_dim,
         device=device,
         _preprocess=lambda images: torch.stack([preprocess(image) for image in images]),
         _forward=visual,
+        _embed=visual,
         _seq_first=not getattr(transformer, "batch_first", True),
     )
 

@@ -18,14 +18,15 @@ import typer
 from rich.console import Console
 from torch import Tensor
 
+from sae_modules.activations.blocks import LAST_LAYER, Layer
 from sae_modules.activations.images import FolderImages
-from sae_modules.activations.towers import load_tower, resolve_device
+from sae_modules.activations.towers import load_tower, parse_layer, resolve_device
 from sae_modules.atomic_file import atomic_write_bytes
 from sae_modules.cli_errors import EXIT_CODES, fail
 from sae_modules.errors import ErrorKind, VlmSteerError
 from sae_modules.evaluation.dictionary import write_dictionary
 from sae_modules.evaluation.embedders import load_embedder
-from sae_modules.evaluation.encode import LAST_LAYER, POOLINGS, EncodedDir, ProjectedEmbeddings, encode_images
+from sae_modules.evaluation.encode import POOLINGS, EncodedDir, encode_images
 from sae_modules.evaluation.errors import EvaluationError
 from sae_modules.evaluation.latent_summary import summarize_latents
 from sae_modules.evaluation.monosemanticity import monosemanticity, ms_report
@@ -53,8 +54,9 @@ ModelOpt = Annotated[str | None, typer.Option(help="CLIP / LLaVA checkpoint or o
 ImagesOpt = Annotated[Path | None, typer.Option(help="Image folder (recursive, sorted; subfolders are labels).")]
 EmbedderOpt = Annotated[str | None, typer.Option(help="dinov2:PATH, clip:PATH, open_clip:ARCH@WEIGHTS or FILE.safetensors.")]
 LayerOpt = Annotated[str | None, typer.Option(
-    help="Tower block (negative from the end), or 'last': CLIP's image embedding after its visual projection "
-         "(768-d for ViT-L/14; --model must be a CLIP with its projection). Default: the SAE's recorded layer.")]
+    help="Tower block (negative from the end), or 'last': the image embedding, CLIP's visual projection of the "
+         "pooled CLS (768-d for ViT-L/14; a tower without a projection gives its pooled output). "
+         "Default: the SAE's recorded layer.")]
 BlockOpt = Annotated[int | None, typer.Option("--layer", help="Tower block the SAE reads; default: the one it records.")]
 PoolingOpt = Annotated[str, typer.Option(
     help="Per-image value of a latent over tokens: cls (the paper's MS tables), mean (its token-level steering SAE), max.")]
@@ -88,15 +90,10 @@ def _encoded(encoded: Path | None, work: Path, sae: str | None, model: str | Non
     if layer is None:
         if sae_module is None:
             raise EvaluationError("--raw-neurons needs --layer (the block whose neurons are measured)", "layer")
-        block: int | str = _recorded_layer(sae_module, sae)
+        block: Layer = _recorded_layer(sae_module, sae)
     else:
         block = _parse_layer(layer)
-    if block == LAST_LAYER:
-        spec = model if model.startswith("open_clip:") else f"clip:{model}"
-        open_clip_weights = weights is not None and spec.startswith("open_clip:")
-        tower = ProjectedEmbeddings(load_embedder(f"{spec}@{weights}" if open_clip_weights else spec, torch_device))
-    else:
-        tower = load_tower(model, str(weights) if weights else None, device)
+    tower = load_tower(model, str(weights) if weights else None, device)
     return encode_images(tower, block, sae_module, FolderImages(images), load_embedder(embedder, torch_device), work,
                          pooling=pooling, batch_size=batch_size, sae_name=sae)  # type: ignore[arg-type]
 
@@ -107,16 +104,14 @@ def _setting(data: EncodedDir) -> dict:
     return {"pooling": data.info.pooling, "layer": data.info.layer}
 
 
-def _parse_layer(text: str) -> int | str:
-    if text == LAST_LAYER:
-        return LAST_LAYER
+def _parse_layer(text: str) -> Layer:
     try:
-        return int(text)
-    except ValueError:
-        raise EvaluationError(f"--layer {text!r} must be a block index or '{LAST_LAYER}'", "layer") from None
+        return parse_layer(text)
+    except ValueError as err:
+        raise EvaluationError(f"--layer: {err}", "layer") from None
 
 
-def _recorded_layer(sae_module: SAE, name: str) -> int:
+def _recorded_layer(sae_module: SAE, name: str) -> Layer:
     layer = sae_module.cfg.source.layer
     if layer is None:
         raise EvaluationError(f"the SAE {name} records no layer (the paper's releases do not): give --layer", "layer")
@@ -305,7 +300,11 @@ def steering_command(make_answer: AnswerFactory) -> Callable[..., None]:
         """Steering score: CLIP agreement of the steered one-word answer with the latent's top images."""
         try:
             if layer is None:  # checked before the model loads: a missing layer should cost seconds, not a 7B load
-                layer = _recorded_layer(load_sae(sae), sae)
+                recorded = _recorded_layer(load_sae(sae), sae)
+                if recorded == LAST_LAYER:
+                    raise EvaluationError(f"the SAE {sae} was trained on the image embedding ('last'), which LLaVA "
+                                          "never reads: steering needs an SAE trained on a tower block", "sae")
+                layer = recorded
             answer = make_answer(model, sae, layer, str(resolve_device(device)))
             data = EncodedDir.open(encoded)
             if not data.info.root:

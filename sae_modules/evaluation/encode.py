@@ -22,6 +22,7 @@ from safetensors.torch import save
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sae_modules.activations.blocks import Layer
 from sae_modules.activations.images import ImageSource
 from sae_modules.activations.towers import Tower
 from sae_modules.atomic_file import atomic_write_bytes
@@ -33,7 +34,6 @@ from sae_modules.saes.base import SAE
 Pooling = Literal["mean", "max", "cls"]
 POOLINGS: tuple[str, ...] = ("mean", "max", "cls")
 IMAGES_FILE = "images.json"
-LAST_LAYER = "last"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 
 
@@ -55,7 +55,7 @@ class EncodedImages(BaseModel):
     labels: list[str | None] | None = None
     root: str | None = None
     model: str
-    layer: int | str
+    layer: Layer
     sae: str | None
     pooling: str
     embedder: str
@@ -84,31 +84,13 @@ class EncodedDir:
                                   batch_size)
 
 
-class ProjectedEmbeddings:
-    """The "last" layer: a CLIP's image embedding after its visual projection, one token per image.
-
-    The paper's iNaturalist rows use this 768-d output of ViT-L/14; it is what an image embedder
-    returns, so the embedder stands in for the tower (pooling over one token changes nothing).
-    """
-
-    def __init__(self, embedder: ImageEmbedder) -> None:
-        self.name, self._embedder = embedder.name, embedder
-        self.device = getattr(embedder, "device", torch.device("cpu"))
-
-    def preprocess(self, images: list) -> list:
-        return images
-
-    def layer_output(self, images: list, layer: int | str) -> Tensor:
-        return self._embedder.embed(images, 0)[:, None, :]
-
-
 def _image_batches(source: ImageSource, batch_size: int) -> Iterator[tuple[int, list]]:
     for start in range(0, len(source.ids), batch_size):
         yield start, [source.load(i) for i in range(start, min(start + batch_size, len(source.ids)))]
 
 
 @torch.no_grad()
-def encode_images(tower: Tower | ProjectedEmbeddings, layer: int | str, sae: SAE | None, source: ImageSource, embedder: ImageEmbedder,
+def encode_images(tower: Tower, layer: Layer, sae: SAE | None, source: ImageSource, embedder: ImageEmbedder,
                   out: str | Path, *, pooling: Pooling = "mean", batch_size: int = 16, shard_images: int = 1024,
                   sae_name: str | None = None, progress: bool = True) -> EncodedDir:
     """Run tower -> SAE -> pooling and the embedder over every image; write the encoded directory."""

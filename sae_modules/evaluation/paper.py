@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from sae_modules.activations.blocks import LAST_LAYER, Layer
 from sae_modules.activations.images import FolderImages
 from sae_modules.activations.towers import load_tower
 from sae_modules.atomic_file import atomic_write_bytes, atomic_write_text
@@ -254,11 +255,15 @@ def _taxa_lines(taxa: TaxaHierarchyFinding) -> list[str]:
     return [
         (f"On the taxa world ({w['families']} families × {w['genera_per_family']} genera × "
          f"{w['species_per_genus']} species, each taxon a motif its descendants inherit), {s.images} images "
-         f"through the taxa tower, CLS token of block {s.layer}: a Matryoshka SAE of {s.saes.n_latents} latents "
+         f"through the taxa tower, {_taxa_layer(s.layer)}: a Matryoshka SAE of {s.saes.n_latents} latents "
          f"(k = {s.saes.k}) and a plain BatchTopK control of the same size, cut at the same latents:"),
         "",
         *_comparison_lines(taxa.levels),
     ]
+
+
+def _taxa_layer(layer: Layer) -> str:
+    return "its image embedding (the pooled output its heads read)" if layer == LAST_LAYER else f"CLS token of block {layer}"
 
 
 def _ideal_lines(ideal: IdealHierarchyFinding) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
+from sae_modules.activations.blocks import Layer
 from sae_modules.activations.images import FolderImages
 from sae_modules.atomic_file import atomic_write_bytes
 from sae_modules.evaluation.browser.site import LatentCard, write_site
@@ -57,7 +58,7 @@ class Report(BaseModel):
     """report.json."""
 
     model: str
-    layer: int
+    layer: Layer
     sae: str | None
     pooling: str
     embedder: str

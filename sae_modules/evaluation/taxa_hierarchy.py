@@ -1,11 +1,12 @@
-"""Finding 2 through a tower: the taxa world's images, the taxa tower's CLS token, a Matryoshka SAE and its control.
+"""Finding 2 through a tower: the taxa world's images, the taxa tower's image embedding, a Matryoshka SAE and its control.
 
-The images go through the product's extraction (`run_extraction`, one CLS vector per image) into a
+The images go through the product's extraction (`run_extraction`, one vector per image) into a
 shard directory, both SAEs train on it (`level_comparison`), and depth is measured on the same
 images against the tree the world was drawn from (`f<i>_g<j>_s<k>` class folders, read as
-iNaturalist folders are). Block 1 of the 4-block tower by default: on the shipped tower its rise is
-the largest (blocks 2 and 3, trained harder to tell species apart, make even level 0's top images
-mostly one species; README, "Finding 2").
+iNaturalist folders are). By default the SAEs read the tower's image embedding ("last"), as the
+paper's iNaturalist rows read CLIP's; the taxa tower has no projection, so that is its pooled
+output, the vector its family, genus and species heads read. Any block's CLS token can be chosen
+instead (README, "Finding 2", has the rise at each).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from sae_modules.activations.blocks import LAST_LAYER, Layer
 from sae_modules.activations.extract import ExtractionPlan, run_extraction
 from sae_modules.activations.images import FolderImages
 from sae_modules.activations.tokens import TokenSelection
@@ -31,7 +33,8 @@ IMAGE_SEED = "paper-findings-taxa"
 class TaxaSettings(BaseModel):
     images: int = Field(3000, description="Taxa-world images (about 31 per species: top 16 needs 16).")
     tower: str = str(TAXA_TOWER_DIR)
-    layer: int = Field(1, description="Block whose CLS token the SAEs read.")
+    layer: Layer = Field(LAST_LAYER, description="'last' (the image embedding) or the block whose CLS token the "
+                                                 "SAEs read.")
     saes: LevelSaes = Field(default_factory=LevelSaes)
 
 
@@ -43,7 +46,7 @@ class TaxaHierarchyFinding(BaseModel):
 
 def run_taxa_hierarchy(out: Path, settings: TaxaSettings, device: str = "cpu",
                        progress: bool = False) -> TaxaHierarchyFinding:
-    """Draw the images, extract the CLS token of `settings.layer`, train both SAEs, compare depth by level."""
+    """Draw the images, extract one vector per image at `settings.layer`, train both SAEs, compare depth by level."""
     out = Path(out)
     world = load_world(settings.tower)
     write_folder(world, out / "images", settings.images, seed=IMAGE_SEED)

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from sae_modules.activations.blocks import LAST_LAYER, Layer
 from sae_modules.formats.errors import CheckpointError
 from sae_modules.formats.reading import (
     build_and_load,
@@ -103,9 +104,9 @@ def _dims(
     return int(d_in), int(n_latents)
 
 
-def _layer(value: Any) -> int | None:
-    """The trainer's `layer`, when it is a layer index (the paper's training script writes "")."""
-    if isinstance(value, int) and not isinstance(value, bool):
+def _layer(value: Any) -> Layer | None:
+    """The trainer's `layer`, when it is a layer index or "last" (the paper's training script writes "")."""
+    if (isinstance(value, int) and not isinstance(value, bool)) or value == LAST_LAYER:
         return value
     if isinstance(value, str) and value.lstrip("-").isdigit():
         return int(value)

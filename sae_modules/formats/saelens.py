@@ -233,7 +233,8 @@ def load_saelens(directory: Path) -> SAE:
 
 
 def _hook_name(cfg: SAEConfig) -> str | None:
-    return None if cfg.source.layer is None else f"blocks.{cfg.source.layer}.hook_resid_post"
+    """SAELens names residual-stream hooks by block; the image embedding ('last') has no such name."""
+    return None if not isinstance(cfg.source.layer, int) else f"blocks.{cfg.source.layer}.hook_resid_post"
 
 
 def saelens_layout(sae: SAE) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
+from sae_modules.activations.blocks import Layer
 from sae_modules.errors import VlmSteerError
 
 Architecture = Literal["relu", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated"]
@@ -27,8 +28,9 @@ class SourceInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_id: str | None = None
-    layer: int | None = Field(
-        None, description="Block whose residual output is read; negative counts from the end."
+    layer: Layer | None = Field(
+        None, description="Block whose residual output is read (negative counts from the end), or 'last': the "
+                          "tower's image embedding."
     )
     tokens: str | None = Field(
         None, description="Token selection used for training: all, cls, patches, mean, random:K."
