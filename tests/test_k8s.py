@@ -264,6 +264,7 @@ def test_extract_entrypoint_parses_against_the_cli() -> None:
     """Click parses the RayJob's arguments with the real command (types, names, required options)."""
     import typer
 
+    from sae_modules.activations.towers import parse_layer
     from service.cli import app
 
     argv = shlex.split(one(render("gpu"), "RayJob", "vlm-steer-extract")["spec"]["entrypoint"])
@@ -271,7 +272,7 @@ def test_extract_entrypoint_parses_against_the_cli() -> None:
     group = typer.main.get_command(app)
     command = group.get_command(None, "extract")
     ctx = command.make_context("extract", argv[2:])
-    assert ctx.params["workers"] == 4 and ctx.params["layer"] == -2 and ctx.params["progress"] is False
+    assert ctx.params["workers"] == 4 and parse_layer(ctx.params["layer"]) == -2 and ctx.params["progress"] is False
     with pytest.raises(Exception, match="No such option"):
         command.make_context("extract", [*argv[2:], "--num-gpus", "4"])
 
