@@ -210,7 +210,8 @@ def _load_transformers(model: str, device: torch.device) -> Tower:
     if config_file is None:
         raise ExtractError(f"--model: {model!r} not found (no config.json locally or in the hub cache)")
     config = CLIPVisionConfig.from_dict(_vision_config(json.loads(config_file.read_text()), model))
-    wanted = set(CLIPVisionModel(config).state_dict())
+    with torch.device("meta"):  # key names only: no weights allocated or initialised
+        wanted = set(CLIPVisionModel(config).state_dict())
     tensors = _checkpoint_tensors(model, wanted | {_PROJECTION})
     projection = tensors.pop(_PROJECTION, None)
     missing = sorted(wanted - set(tensors))
